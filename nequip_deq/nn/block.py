@@ -1,0 +1,102 @@
+"""The Equiformer transformer block as a nequip graph module."""
+
+from typing import Optional
+
+import torch
+from e3nn.o3._irreps import Irreps
+from e3nn.o3._linear import Linear
+from e3nn.util.jit import compile_mode
+
+from nequip.data import AtomicDataDict
+from nequip.nn import GraphModuleMixin
+
+from .attention import EquivariantGraphAttention
+from .feed_forward import EquivariantFeedForward
+from .layer_norm import EquivariantLayerNorm
+
+
+@compile_mode("script")
+class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
+    """Pre-norm transformer block on ``node_features`` (``X``):
+
+    .. math::
+        y &= x + \\mathrm{GA}(\\mathrm{LN}_1(x)) \\\\
+        x' &= S(y) + \\mathrm{FFN}(\\mathrm{LN}_2(y))
+
+    :math:`S` is the identity when ``irreps_out == X``; otherwise (the output block, e.g.
+    ``512x0e``) an equivariant linear shortcut, followed by a final layer norm when
+    ``output_norm``. Reads ``edge_attrs`` (spherical harmonics), ``edge_embedding`` (enveloped
+    radial basis) and ``edge_cutoff`` (envelope).
+
+    Args:
+        irreps_out: output feature irreps (default: same as input)
+        num_heads, attention_type, nonlinear_messages, alpha_channels, radial_mlp_depth,
+            radial_mlp_width: see :class:`EquivariantGraphAttention`
+        ffn_multiplier: hidden width factor of the feed-forward network
+        output_norm: apply a layer norm to the output (used by the output block)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        attention_type: str = "mlp",
+        nonlinear_messages: bool = True,
+        alpha_channels: int = 0,
+        radial_mlp_depth: int = 2,
+        radial_mlp_width: int = 64,
+        ffn_multiplier: int = 3,
+        irreps_out: Optional[str] = None,
+        output_norm: bool = False,
+        irreps_in=None,
+    ):
+        super().__init__()
+        self._init_irreps(
+            irreps_in=irreps_in,
+            required_irreps_in=[
+                AtomicDataDict.NODE_FEATURES_KEY,
+                AtomicDataDict.EDGE_ATTRS_KEY,
+                AtomicDataDict.EDGE_EMBEDDING_KEY,
+                AtomicDataDict.EDGE_CUTOFF_KEY,
+            ],
+        )
+        X = Irreps(self.irreps_in[AtomicDataDict.NODE_FEATURES_KEY])
+        out = X if irreps_out is None else Irreps(irreps_out)
+        self.irreps_out[AtomicDataDict.NODE_FEATURES_KEY] = out
+
+        self.norm_attn = EquivariantLayerNorm(X)
+        self.attn = EquivariantGraphAttention(
+            irreps_node=X,
+            irreps_sh=self.irreps_in[AtomicDataDict.EDGE_ATTRS_KEY],
+            num_basis=self.irreps_in[AtomicDataDict.EDGE_EMBEDDING_KEY].num_irreps,
+            num_heads=num_heads,
+            attention_type=attention_type,
+            nonlinear_messages=nonlinear_messages,
+            alpha_channels=alpha_channels,
+            radial_mlp_depth=radial_mlp_depth,
+            radial_mlp_width=radial_mlp_width,
+        )
+        self.norm_ffn = EquivariantLayerNorm(X)
+        self.ffn = EquivariantFeedForward(X, out, multiplier=ffn_multiplier)
+        self.shortcut = None if out == X else Linear(X, out)
+        self.norm_out = EquivariantLayerNorm(out) if output_norm else None
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        x = data[AtomicDataDict.NODE_FEATURES_KEY]
+        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+        y = x + self.attn(
+            self.norm_attn(x),
+            data[AtomicDataDict.EDGE_ATTRS_KEY],
+            data[AtomicDataDict.EDGE_EMBEDDING_KEY],
+            data[AtomicDataDict.EDGE_CUTOFF_KEY],
+            edge_index[0],
+            edge_index[1],
+        )
+        out = self.ffn(self.norm_ffn(y))
+        if self.shortcut is not None:
+            out = out + self.shortcut(y)
+        else:
+            out = out + y
+        if self.norm_out is not None:
+            out = self.norm_out(out)
+        data[AtomicDataDict.NODE_FEATURES_KEY] = out
+        return data

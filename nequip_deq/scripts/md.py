@@ -1,0 +1,146 @@
+"""``nequip-deq-md``: molecular dynamics with a compiled or saved nequip model through ASE.
+
+Examples::
+
+    nequip-deq-md model.nequip.pt2                       # NVE, aspirin from the bundled data
+    nequip-deq-md model.nequip.pt2 --structure mol.xyz --ensemble nvt --temperature 500
+
+Writes ``<out>/md.traj`` (ASE trajectory, every ``--write-every`` steps), ``<out>/md.log``
+(ASE's MD log) and prints the total-energy drift.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.io import read
+from ase.io.trajectory import Trajectory
+from ase.md import MDLogger
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.verlet import VelocityVerlet
+
+from nequip_deq._resolvers import bundled_data_path
+from nequip_deq.data import read_molecule_npz
+
+DEFAULT_STRUCTURE = "rmd17_aspirin_test_01_first200.npz"
+
+
+def load_structure(spec: str) -> Atoms:
+    """``spec``: an ASE-readable file, an rMD17/sGDML npz file (first frame), or the name of a
+    bundled npz file."""
+    path = Path(spec)
+    if not path.is_file():
+        path = Path(bundled_data_path(spec))
+    if path.suffix == ".npz":
+        atoms = read_molecule_npz(path, frames=[0])[0]
+    else:
+        atoms = read(path)
+    atoms.calc = None
+    return atoms
+
+
+def give_molecule_a_cell(atoms: Atoms) -> None:
+    """Non-periodic structures without a cell get a finite box (pbc stays off, so the box does
+    not change any interaction): the model's stress is then finite instead of ``virial / 0``
+    (nequip issue #608)."""
+    if not atoms.pbc.any() and atoms.cell.volume < 1e-8:
+        atoms.center(vacuum=10.0)
+
+
+def load_calculator(model: str, device: str):
+    from nequip.integrations.ase import NequIPCalculator
+
+    if model.endswith((".pt2", ".pth")):
+        return NequIPCalculator.from_compiled_model(
+            model, device=device, chemical_species_to_atom_type_map=True
+        )
+    return NequIPCalculator._from_saved_model(
+        model, device=device, chemical_species_to_atom_type_map=True
+    )
+
+
+def run_md(
+    atoms: Atoms,
+    calculator,
+    steps: int,
+    timestep_fs: float,
+    temperature: float,
+    ensemble: str,
+    out_dir: Path,
+    write_every: int = 10,
+    seed: int = 0,
+) -> dict:
+    """Run MD and return a summary (energy drift in eV/atom, wall time per step)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atoms.calc = calculator
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    if ensemble == "nve":
+        dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+    else:
+        dyn = Langevin(
+            atoms,
+            timestep=timestep_fs * units.fs,
+            temperature_K=temperature,
+            friction=0.01 / units.fs,
+            rng=np.random.default_rng(seed),
+        )
+    traj = Trajectory(str(out_dir / "md.traj"), "w", atoms)
+    dyn.attach(traj.write, interval=write_every)
+    dyn.attach(MDLogger(dyn, atoms, str(out_dir / "md.log"), header=True, peratom=True), interval=write_every)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    start = time.perf_counter()
+    dyn.run(steps)
+    elapsed = time.perf_counter() - start
+    traj.close()
+    energies = np.array(energies)
+    if not np.all(np.isfinite(energies)):
+        raise RuntimeError("MD produced non-finite energies; check the model and the time step")
+    return {
+        "steps": steps,
+        "seconds_per_step": elapsed / steps,
+        "energy_drift_eV_per_atom": float(energies[-1] - energies[0]) / len(atoms),
+        "energy_fluctuation_eV_per_atom": float(energies.std()) / len(atoms),
+        "trajectory": str(out_dir / "md.traj"),
+        "log": str(out_dir / "md.log"),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="nequip-deq-md", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="compiled (.nequip.pt2/.pth), packaged (.nequip.zip) or checkpoint (.ckpt) model")
+    parser.add_argument("--structure", default=DEFAULT_STRUCTURE, help="start structure: ASE-readable file, rMD17/sGDML npz, or a bundled npz name (default: aspirin)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--timestep", type=float, default=0.5, help="fs")
+    parser.add_argument("--temperature", type=float, default=300.0, help="K, initial velocities (and NVT bath)")
+    parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nve")
+    parser.add_argument("--out", default="md_output", help="output directory")
+    parser.add_argument("--write-every", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    calc = load_calculator(args.model, args.device)
+    atoms = load_structure(args.structure)
+    give_molecule_a_cell(atoms)
+    summary = run_md(
+        atoms, calc, args.steps, args.timestep, args.temperature, args.ensemble,
+        Path(args.out), args.write_every, args.seed,
+    )
+    print(f"MD ({args.ensemble}, {len(atoms)} atoms, {summary['steps']} steps of {args.timestep} fs): "
+          f"{1000 * summary['seconds_per_step']:.1f} ms/step, "
+          f"total-energy drift {1000 * summary['energy_drift_eV_per_atom']:.3f} meV/atom, "
+          f"fluctuation {1000 * summary['energy_fluctuation_eV_per_atom']:.3f} meV/atom")
+    print(f"trajectory: {summary['trajectory']}")
+    print(f"log:        {summary['log']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Deployment: nequip-compile (AOTInductor, ASE and pair_nequip targets) agrees with the
+eager model on molecules of 9-21 atoms, ASE MD runs with the compiled model, and the model
+scripts with TorchScript (the deployment path on torch < 2.10)."""
+
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
+from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+from nequip.integrations.ase import NequIPCalculator
+from nequip.model.inference_models import load_compiled_model
+from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
+
+from nequip_deq.scripts.md import give_molecule_a_cell, load_structure, main as md_main
+from test_train import MODEL, nequip_train
+
+TYPES = ["C", "H", "O"]
+
+
+def structures():
+    """ethanol (9 atoms, original MD17), benzene (12, ASE), aspirin (21, rMD17)."""
+    mols = [
+        load_structure("md17_ethanol_first300.npz"),
+        molecule("C6H6"),
+        load_structure("rmd17_aspirin_test_01_first200.npz"),
+    ]
+    for atoms in mols:
+        atoms.rattle(0.05, seed=1)
+        give_molecule_a_cell(atoms)
+    return mols
+
+
+def nequip_compile(ckpt, out, target):
+    result = subprocess.run(
+        ["nequip-compile", str(ckpt), str(out), "--mode", "aotinductor", "--device", "cpu", "--target", target],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train")
+    result = nequip_train(run_dir, *MODEL, "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def eager_calc(checkpoint):
+    return NequIPCalculator._from_saved_model(str(checkpoint), chemical_species_to_atom_type_map=True)
+
+
+@pytest.mark.slow
+def test_compiled_ase_model_matches_eager_and_runs_md(checkpoint, eager_calc, tmp_path, capsys):
+    compiled = nequip_compile(checkpoint, tmp_path / "ase.nequip.pt2", "ase")
+    compiled_calc = NequIPCalculator.from_compiled_model(str(compiled), chemical_species_to_atom_type_map=True)
+    for atoms in structures():
+        a, b = atoms.copy(), atoms.copy()
+        a.calc, b.calc = eager_calc, compiled_calc
+        assert abs(a.get_potential_energy() - b.get_potential_energy()) < 1e-5 * len(atoms)
+        np.testing.assert_allclose(a.get_forces(), b.get_forces(), atol=5e-5, rtol=1e-4)
+        assert np.isfinite(b.get_stress()).all()
+
+    # NVE MD of aspirin with the compiled model, through the command-line tool
+    assert md_main([str(compiled), "--steps", "100", "--timestep", "0.5", "--out", str(tmp_path / "md")]) == 0
+    printed = capsys.readouterr().out
+    assert "21 atoms, 100 steps" in printed
+    drift = float(printed.split("total-energy drift ")[1].split(" meV/atom")[0])
+    assert abs(drift) < 1.0, printed  # meV/atom over 50 fs
+    assert (tmp_path / "md" / "md.traj").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_pair_nequip_model_matches_eager(checkpoint, eager_calc, tmp_path):
+    """The LAMMPS target, called with pair_nequip's inputs (positions, edges, types, cell,
+    edge cell shifts) and outputs (per-atom energy, forces, virial)."""
+    compiled = nequip_compile(checkpoint, tmp_path / "lmp.nequip.pt2", "pair_nequip")
+    model, metadata = load_compiled_model(str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS)
+    assert metadata["type_names"] == TYPES
+    r_max = float(metadata["r_max"])
+    mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES, chemical_species_to_atom_type_map={t: t for t in TYPES})
+    for atoms in structures():
+        data = mapper(compute_neighborlist_(from_ase(atoms), r_max=r_max))
+        data.pop(AtomicDataDict.BATCH_KEY, None)
+        data.pop(AtomicDataDict.NUM_NODES_KEY, None)
+        out = model({k: data[k] for k in PAIR_NEQUIP_INPUTS})
+        ref = eager_calc.model(AtomicDataDict.with_batch_(dict(data)))
+        torch.testing.assert_close(
+            out[AtomicDataDict.PER_ATOM_ENERGY_KEY].double(),
+            ref[AtomicDataDict.PER_ATOM_ENERGY_KEY].detach().double(),
+            atol=5e-5, rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            out[AtomicDataDict.FORCE_KEY].double(), ref[AtomicDataDict.FORCE_KEY].detach().double(), atol=5e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            out[AtomicDataDict.VIRIAL_KEY].double().view(3, 3),
+            ref[AtomicDataDict.VIRIAL_KEY].detach().double().view(3, 3),
+            atol=1e-4, rtol=1e-4,
+        )
+
+
+@pytest.mark.parametrize("attention_type, nonlinear", [("mlp", True), ("dot_product", False)])
+def test_torchscript(attention_type, nonlinear):
+    """Built as nequip builds for torch < 2.10 and scripted as `nequip-compile --mode
+    torchscript` scripts (e3nn's script), the model gives the eager numbers."""
+    from e3nn.util.jit import script
+    from nequip.utils.compile import conditional_torchscript_mode
+    from nequip.utils.global_state import set_global_state
+
+    from nequip_deq.model import EquiformerModel
+
+    set_global_state()
+    with conditional_torchscript_mode(True):
+        model = EquiformerModel(
+            seed=1, model_dtype="float64", type_names=TYPES, r_max=4.0, num_layers=2,
+            irreps_node_features="8x0e+4x1o+4x2e", num_heads=2, attention_type=attention_type,
+            nonlinear_messages=nonlinear, num_basis=8, radial_mlp_width=16, num_output_features=16,
+        )
+    model.eval()
+    mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES, chemical_species_to_atom_type_map={t: t for t in TYPES})
+    data = mapper(compute_neighborlist_(from_ase(load_structure("rmd17_aspirin_test_01_first200.npz")), r_max=4.0))
+    ref = model(dict(data))
+    scripted = script(model)
+    out = scripted(dict(data))
+    torch.testing.assert_close(out[AtomicDataDict.TOTAL_ENERGY_KEY], ref[AtomicDataDict.TOTAL_ENERGY_KEY], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out[AtomicDataDict.FORCE_KEY], ref[AtomicDataDict.FORCE_KEY], atol=1e-10, rtol=0)

@@ -1,0 +1,59 @@
+"""``nequip-train`` end to end on the bundled data: the loss goes down; bad configs fail
+before training starts."""
+
+import csv
+import pathlib
+import subprocess
+
+import pytest
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+MODEL = [
+    "+training_module.model.num_layers=2",
+    "+training_module.model.l_max=2",
+    "+training_module.model.irreps_node_features=16x0e+8x1o+4x2e",
+    "+training_module.model.num_heads=4",
+    "+training_module.model.num_basis=8",
+    "+training_module.model.radial_mlp_width=16",
+    "+training_module.model.num_output_features=32",
+    "+training_module.model.avg_num_neighbors=${training_data_stats:num_neighbors_mean}",
+    "+training_module.model.per_type_energy_shifts=${training_data_stats:per_atom_energy_mean}",
+    "+training_module.model.per_type_energy_scales=${training_data_stats:forces_rms}",
+]
+
+
+def nequip_train(run_dir, *overrides):
+    return subprocess.run(
+        ["nequip-train", "-cp", str(CONFIG_DIR), "-cn", "minimal_aspirin", f"hydra.run.dir={run_dir}", *overrides],
+        capture_output=True,
+        text=True,
+    )
+
+
+def validation_losses(run_dir):
+    rows = csv.DictReader(open(next(pathlib.Path(run_dir).rglob("metrics.csv"))))
+    return [float(r["val0_epoch/weighted_sum"]) for r in rows if r.get("val0_epoch/weighted_sum")]
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss(tmp_path):
+    result = nequip_train(
+        tmp_path,
+        *MODEL,
+        "data.train=40",
+        "trainer.max_epochs=3",
+        "+trainer.logger={_target_: lightning.pytorch.loggers.CSVLogger, save_dir: " + str(tmp_path) + "}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = validation_losses(tmp_path)
+    assert len(losses) == 3
+    assert losses[-1] < losses[0], losses
+    assert (tmp_path / "best.ckpt").is_file()
+
+
+def test_bad_model_config_fails_before_training(tmp_path):
+    result = nequip_train(tmp_path, *MODEL, "training_module.model.num_heads=3")
+    assert result.returncode != 0
+    assert "num_heads=3" in result.stderr and "does not divide" in result.stderr
+    assert "TRAIN RUN START" not in result.stderr + result.stdout
+    assert not (tmp_path / "best.ckpt").exists()
