@@ -20,7 +20,7 @@ def depthwise_instructions(
     block ``(mul, l3)``, one weight per channel. The output is sorted but not merged.
 
     Returns:
-        (irreps_out, instructions) for :class:`e3nn.TensorProduct`.
+        (irreps_out, instructions) for :class:`e3nn.o3.TensorProduct`.
     """
     targets = {ir for _, ir in irreps_target} | {Irrep("0e")}
     irreps_out = []
