@@ -40,6 +40,7 @@ def nequip_compile(ckpt, out, target):
         ["nequip-compile", str(ckpt), str(out), "--mode", "aotinductor", "--device", "cpu", "--target", target],
         capture_output=True,
         text=True,
+        cwd=pathlib.Path(out).parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out

@@ -27,6 +27,7 @@ def nequip_train(run_dir, *overrides):
         ["nequip-train", "-cp", str(CONFIG_DIR), "-cn", "minimal_aspirin", f"hydra.run.dir={run_dir}", *overrides],
         capture_output=True,
         text=True,
+        cwd=run_dir,  # Lightning writes its default logs to the working directory
     )
 
 
