@@ -1,7 +1,5 @@
 """``EquiformerModel``: Equiformer (Liao & Smidt, ICLR 2023) as a nequip energy model."""
 
-import inspect
-
 from typing import Dict, Optional, Sequence, Union
 
 from e3nn.o3._irreps import Irreps
@@ -58,6 +56,7 @@ def default_node_irreps(parity: bool) -> str:
 
 
 def check_equiformer_args(
+    num_layers: int,
     l_max: int,
     parity: bool,
     irreps: Irreps,
@@ -67,6 +66,8 @@ def check_equiformer_args(
     avg_num_neighbors,
 ) -> None:
     """Refuse configurations the model cannot be built with, naming the argument and fix."""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise InvalidModelConfig(f"`num_layers={num_layers}`: need an integer >= 1.")
     if not isinstance(l_max, int) or l_max < 1:
         raise InvalidModelConfig(
             f"`l_max={l_max}`: attention needs directional edge features, use l_max >= 1 "
@@ -275,103 +276,51 @@ def EquiformerModel(
         pair_potential (dict): optional pair potential, e.g. ``nequip.nn.pair_potential.ZBL``
         do_derivatives (bool): compute forces (and stress with a cell) by autograd
     """
-    # every argument but num_layers, pair_potential and do_derivatives describes the parts
-    encoder, block_kwargs, output = equiformer_parts(
-        **{k: v for k, v in locals().items() if k in _PART_ARGS}
-    )
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise InvalidModelConfig(f"`num_layers={num_layers}`: need an integer >= 1.")
-    modules = dict(encoder)
-    prev = modules["edge_degree_embed"].irreps_out
-    for layer in range(num_layers - 1):
-        block = EquiformerBlock(irreps_in=prev, **block_kwargs)
-        modules[f"block{layer}"] = block
-        prev = block.irreps_out
-    modules.update(output(prev))
-    energy_model = _append_energy_modules(
-        SequentialGraphNetwork(modules), type_names=type_names, pair_potential=pair_potential
-    )
-    return ForceStressOutput(energy_model, do_derivatives)
-
-
-def equiformer_parts(
-    r_max: float,
-    type_names: Sequence[str],
-    l_max: int = 2,
-    parity: bool = True,
-    irreps_node_features: Optional[str] = None,
-    num_heads: int = 4,
-    attention_type: str = "mlp",
-    nonlinear_messages: bool = True,
-    alpha_channels: int = 0,
-    ffn_multiplier: int = 3,
-    num_output_features: int = 512,
-    radial_basis: str = "gaussian",
-    num_basis: int = 32,
-    polynomial_cutoff_p: float = 6.0,
-    radial_mlp_depth: int = 2,
-    radial_mlp_width: int = 64,
-    readout_mlp_width: Optional[int] = None,
-    avg_num_neighbors: Optional[float] = None,
-    per_type_energy_scales=None,
-    per_type_energy_shifts=None,
-    per_type_energy_scales_trainable: bool = False,
-    per_type_energy_shifts_trainable: bool = False,
-):
-    """The parts Equiformer models are assembled from (arguments: see
-    :func:`EquiformerModel`), after validating them.
-
-    Returns:
-        ``(encoder, block_kwargs, output)``: the encoder modules (``node_features = X``), the
-        keyword arguments of an ``X -> X`` :class:`EquiformerBlock`, and a function that
-        builds the output block (``X -> num_output_features x 0e``), the readout MLP and the
-        per-type scale/shift for given input irreps.
-    """
     irreps = parse_irreps(
         "irreps_node_features",
         irreps_node_features if irreps_node_features is not None else default_node_irreps(parity),
     )
     check_equiformer_args(
-        l_max, parity, irreps, num_heads, attention_type, radial_basis, avg_num_neighbors
+        num_layers, l_max, parity, irreps, num_heads, attention_type, radial_basis,
+        avg_num_neighbors,
     )
     if num_output_features < 1:
         raise InvalidModelConfig(f"`num_output_features={num_output_features}` must be >= 1.")
-    encoder = equiformer_encoder(
+
+    modules = equiformer_encoder(
         r_max, type_names, irreps, l_max, parity, radial_basis, num_basis,
         polynomial_cutoff_p, radial_mlp_depth, radial_mlp_width, avg_num_neighbors,
     )
-    block_kwargs = dict(
-        num_heads=num_heads,
-        attention_type=attention_type,
-        nonlinear_messages=nonlinear_messages,
-        alpha_channels=alpha_channels,
-        radial_mlp_depth=radial_mlp_depth,
-        radial_mlp_width=radial_mlp_width,
-        ffn_multiplier=ffn_multiplier,
-    )
-
-    def output(irreps_in) -> Dict[str, object]:
+    prev = modules["edge_degree_embed"].irreps_out
+    for layer in range(num_layers):
+        last = layer == num_layers - 1
         block = EquiformerBlock(
-            irreps_in=irreps_in,
-            irreps_out=f"{num_output_features}x0e",
-            output_norm=True,
-            **block_kwargs,
+            num_heads=num_heads,
+            attention_type=attention_type,
+            nonlinear_messages=nonlinear_messages,
+            alpha_channels=alpha_channels,
+            radial_mlp_depth=radial_mlp_depth,
+            radial_mlp_width=radial_mlp_width,
+            ffn_multiplier=ffn_multiplier,
+            irreps_out=f"{num_output_features}x0e" if last else None,
+            output_norm=last,
+            irreps_in=prev,
         )
-        modules = {"output_block": block}
-        modules.update(
-            energy_readout(
-                type_names,
-                block.irreps_out,
-                readout_mlp_width or num_output_features,
-                per_type_energy_scales,
-                per_type_energy_shifts,
-                per_type_energy_scales_trainable,
-                per_type_energy_shifts_trainable,
-            )
+        modules[f"block{layer}"] = block
+        prev = block.irreps_out
+
+    modules.update(
+        energy_readout(
+            type_names,
+            prev,
+            readout_mlp_width or num_output_features,
+            per_type_energy_scales,
+            per_type_energy_shifts,
+            per_type_energy_scales_trainable,
+            per_type_energy_shifts_trainable,
         )
-        return modules
-
-    return encoder, block_kwargs, output
-
-
-_PART_ARGS = set(inspect.signature(equiformer_parts).parameters)
+    )
+    energy_model = _append_energy_modules(
+        SequentialGraphNetwork(modules), type_names=type_names, pair_potential=pair_potential
+    )
+    return ForceStressOutput(energy_model, do_derivatives)
