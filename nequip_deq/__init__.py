@@ -3,6 +3,6 @@ NequIP. Imported by nequip at start-up (``nequip.extension`` entry point): keep 
 builders live in :mod:`nequip_deq.model`."""
 
 from ._version import __version__
-from . import _resolvers
+from . import _resolvers, _fields, _compile_targets
 
-__all__ = ["__version__", "_resolvers"]
+__all__ = ["__version__", "_resolvers", "_fields", "_compile_targets"]

@@ -37,7 +37,7 @@ def setup_data(cfg):
     return dm
 
 
-@pytest.mark.parametrize("name", ["quickstart"])
+@pytest.mark.parametrize("name", ["quickstart", "deq_quickstart"])
 def test_bundled_config(name):
     cfg = load(name)
     dm = setup_data(cfg)
@@ -55,6 +55,17 @@ def test_rmd17_config(tmp_path):
     assert len(dm.val_dataset[0]) == 50
     model = build_model(cfg)
     assert 3.0e6 < sum(p.numel() for p in model.parameters()) < 3.6e6
+
+
+def test_deq_rmd17_config(tmp_path):
+    """The DEQ rMD17 config composes and builds a DEQ model of the paper's width with fewer
+    parameters than the 6-block model (one block inside f + the output block)."""
+    for kind, bundled in [("train", "rmd17_aspirin_train_01_first250.npz"), ("test", "rmd17_aspirin_test_01_first200.npz")]:
+        shutil.copy(bundled_data_path(bundled), tmp_path / f"rmd17_aspirin_{kind}_01.npz")
+    cfg = load("deq_rmd17", [f"data_dir={tmp_path}", "data.train=200", "data.val=50"])
+    assert cfg.training_module._target_ == "nequip_deq.train.DEQEMALightningModule"
+    model = build_model(cfg)
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
 
 
 def test_rmd17_config_requires_data_dir():

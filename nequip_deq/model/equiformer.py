@@ -143,10 +143,15 @@ def equiformer_encoder(
     radial_mlp_depth: int,
     radial_mlp_width: int,
     avg_num_neighbors: Optional[float],
+    extra_inputs: Optional[Dict[str, object]] = None,
 ) -> Dict[str, object]:
     """Modules that run once per structure: type embedding, spherical harmonics, enveloped
-    radial basis, edge-degree embedding. Returns them in order, ``node_features = X``."""
-    type_embed = NodeTypeEmbed(type_names=type_names, num_features=irreps.count("0e"))
+    radial basis, edge-degree embedding. Returns them in order, ``node_features = X``.
+    ``extra_inputs`` (field: irreps) declares further model inputs (nequip passes a model only
+    the fields its first module declares)."""
+    type_embed = NodeTypeEmbed(
+        type_names=type_names, num_features=irreps.count("0e"), irreps_in=extra_inputs
+    )
     spharm = SphericalHarmonicEdgeAttrs(
         irreps_edge_sh=Irreps.spherical_harmonics(l_max, p=-1 if parity else 1),
         irreps_in=type_embed.irreps_out,

@@ -23,6 +23,11 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         y &= x + \\mathrm{GA}(\\mathrm{LN}_1(x)) \\\\
         x' &= S(y) + \\mathrm{FFN}(\\mathrm{LN}_2(y))
 
+    With ``branch_scale`` :math:`s`, the two residual branches are multiplied by learnable
+    scalars :math:`\gamma_a, \gamma_f` initialised to :math:`s` (LayerScale): a small
+    :math:`s` makes the block close to the identity at initialisation, which keeps a
+    weight-tied DEQ function contractive.
+
     :math:`S` is the identity when ``irreps_out == X``; otherwise (the output block, e.g.
     ``512x0e``) an equivariant linear shortcut, followed by a final layer norm when
     ``output_norm``. Reads ``edge_attrs`` (spherical harmonics), ``edge_embedding`` (enveloped
@@ -34,6 +39,9 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
             radial_mlp_width: see :class:`EquivariantGraphAttention`
         ffn_multiplier: hidden width factor of the feed-forward network
         output_norm: apply a layer norm to the output (used by the output block)
+        branch_scale: initial LayerScale of the residual branches (default ``None``: none)
+        norm_eps: variance floor :math:`\epsilon` of the layer norms (their gain is at most
+            :math:`1/\sqrt{\epsilon}`)
     """
 
     def __init__(
@@ -47,6 +55,8 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         ffn_multiplier: int = 3,
         irreps_out: Optional[str] = None,
         output_norm: bool = False,
+        branch_scale: Optional[float] = None,
+        norm_eps: float = 1e-5,
         irreps_in=None,
     ):
         super().__init__()
@@ -63,7 +73,7 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         out = X if irreps_out is None else Irreps(irreps_out)
         self.irreps_out[AtomicDataDict.NODE_FEATURES_KEY] = out
 
-        self.norm_attn = EquivariantLayerNorm(X)
+        self.norm_attn = EquivariantLayerNorm(X, eps=norm_eps)
         self.attn = EquivariantGraphAttention(
             irreps_node=X,
             irreps_sh=self.irreps_in[AtomicDataDict.EDGE_ATTRS_KEY],
@@ -75,15 +85,19 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
             radial_mlp_depth=radial_mlp_depth,
             radial_mlp_width=radial_mlp_width,
         )
-        self.norm_ffn = EquivariantLayerNorm(X)
+        self.norm_ffn = EquivariantLayerNorm(X, eps=norm_eps)
         self.ffn = EquivariantFeedForward(X, out, multiplier=ffn_multiplier)
         self.shortcut = None if out == X else Linear(X, out)
         self.norm_out = EquivariantLayerNorm(out) if output_norm else None
+        if branch_scale is None:
+            self.register_buffer("branch_scales", torch.ones(2))
+        else:
+            self.branch_scales = torch.nn.Parameter(torch.full((2,), float(branch_scale)))
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         x = data[AtomicDataDict.NODE_FEATURES_KEY]
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
-        y = x + self.attn(
+        y = x + self.branch_scales[0] * self.attn(
             self.norm_attn(x),
             data[AtomicDataDict.EDGE_ATTRS_KEY],
             data[AtomicDataDict.EDGE_EMBEDDING_KEY],
@@ -91,7 +105,7 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
             edge_index[0],
             edge_index[1],
         )
-        out = self.ffn(self.norm_ffn(y))
+        out = self.branch_scales[1] * self.ffn(self.norm_ffn(y))
         if self.shortcut is not None:
             out = out + self.shortcut(y)
         else:

@@ -52,15 +52,39 @@ def give_molecule_a_cell(atoms: Atoms) -> None:
 
 
 def load_calculator(model: str, device: str):
+    """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
+    (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
+    DEQ models warm-start only when compiled with ``--target ase_deq``."""
     from nequip.integrations.ase import NequIPCalculator
 
-    if model.endswith((".pt2", ".pth")):
+    from nequip_deq._compile_targets import STATE_WIDTH_METADATA_KEY
+    from nequip_deq.integrations.ase import DEQCalculator
+    from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+
+    if model.endswith(".pt2"):
+        import torch
+
+        metadata = torch._inductor.aoti_load_package(model).get_metadata()
+        cls = DEQCalculator if STATE_WIDTH_METADATA_KEY in metadata else NequIPCalculator
+        try:
+            return cls.from_compiled_model(model, device=device, chemical_species_to_atom_type_map=True)
+        except Exception as e:
+            if cls is DEQCalculator:
+                raise RuntimeError(
+                    f"{model} is a DEQ model but could not be loaded for warm starts ({e}); "
+                    "compile it with `nequip-compile ... --mode aotinductor --target ase_deq`."
+                ) from e
+            raise
+    if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(
             model, device=device, chemical_species_to_atom_type_map=True
         )
-    return NequIPCalculator._from_saved_model(
+    calc = NequIPCalculator._from_saved_model(
         model, device=device, chemical_species_to_atom_type_map=True
     )
+    if any(isinstance(m, DEQEquiformerLayer) for m in calc.model.modules()):
+        return DEQCalculator(calc.model, device=device, transforms=calc.transforms)
+    return calc
 
 
 def run_md(
@@ -93,8 +117,14 @@ def run_md(
     traj = Trajectory(str(out_dir / "md.traj"), "w", atoms)
     dyn.attach(traj.write, interval=write_every)
     dyn.attach(MDLogger(dyn, atoms, str(out_dir / "md.log"), header=True, peratom=True), interval=write_every)
-    energies = []
-    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    energies, solver = [], []
+
+    def record():
+        energies.append(atoms.get_total_energy())
+        if "deq_iterations" in calculator.results:  # DEQ models: solver iterations per step
+            solver.append((calculator.results["deq_iterations"], calculator.results["deq_adjoint_iterations"]))
+
+    dyn.attach(record, interval=1)
     start = time.perf_counter()
     dyn.run(steps)
     elapsed = time.perf_counter() - start
@@ -102,7 +132,7 @@ def run_md(
     energies = np.array(energies)
     if not np.all(np.isfinite(energies)):
         raise RuntimeError("MD produced non-finite energies; check the model and the time step")
-    return {
+    summary = {
         "steps": steps,
         "seconds_per_step": elapsed / steps,
         "energy_drift_eV_per_atom": float(energies[-1] - energies[0]) / len(atoms),
@@ -110,6 +140,10 @@ def run_md(
         "trajectory": str(out_dir / "md.traj"),
         "log": str(out_dir / "md.log"),
     }
+    if solver:
+        summary["deq_iterations_per_step"] = float(np.mean([f for f, _ in solver[1:]]))
+        summary["deq_adjoint_iterations_per_step"] = float(np.mean([b for _, b in solver[1:]]))
+    return summary
 
 
 def main(argv=None):
@@ -137,6 +171,9 @@ def main(argv=None):
           f"{1000 * summary['seconds_per_step']:.1f} ms/step, "
           f"total-energy drift {1000 * summary['energy_drift_eV_per_atom']:.3f} meV/atom, "
           f"fluctuation {1000 * summary['energy_fluctuation_eV_per_atom']:.3f} meV/atom")
+    if "deq_iterations_per_step" in summary:
+        print(f"DEQ solver (warm-started): {summary['deq_iterations_per_step']:.1f} forward + "
+              f"{summary['deq_adjoint_iterations_per_step']:.1f} adjoint iterations per step")
     print(f"trajectory: {summary['trajectory']}")
     print(f"log:        {summary['log']}")
     return 0

@@ -1,0 +1,22 @@
+"""Names of the data fields DEQ models read and write (registered in :mod:`._fields`).
+``Final`` so that TorchScript can read them inside ``forward``."""
+
+from typing import Final
+
+# node fields, (num_atoms, X): fixed point z* and adjoint v*; as inputs they are the solver's
+# starting points (warm start), as outputs the solutions of this call
+DEQ_STATE_KEY: Final[str] = "deq_state"
+DEQ_ADJOINT_STATE_KEY: Final[str] = "deq_adjoint_state"
+
+# graph fields, (num_frames,): solver statistics of this call
+SOLVER_ITERATIONS_KEY: Final[str] = "deq_iterations"  # forward fixed-point iterations
+SOLVER_RESIDUAL_KEY: Final[str] = "deq_residual"  # final relative residual of the forward solve
+ADJOINT_ITERATIONS_KEY: Final[str] = "deq_adjoint_iterations"  # adjoint iterations
+ADJOINT_RESIDUAL_KEY: Final[str] = "deq_adjoint_residual"  # final relative residual of the adjoint solve
+
+SOLVER_STATISTICS = (
+    SOLVER_ITERATIONS_KEY,
+    SOLVER_RESIDUAL_KEY,
+    ADJOINT_ITERATIONS_KEY,
+    ADJOINT_RESIDUAL_KEY,
+)

@@ -1,0 +1,1 @@
+"""Integrations of nequip-deq models with simulation codes."""

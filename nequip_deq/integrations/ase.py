@@ -1,0 +1,118 @@
+"""ASE calculator for DEQ models that reuses the previous fixed point (warm start)."""
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nequip.data import AtomicDataDict
+from nequip.integrations.ase import NequIPCalculator
+
+from .._compile_targets import ASE_DEQ_TARGET, STATE_WIDTH_METADATA_KEY
+from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, SOLVER_STATISTICS
+
+
+class DEQCalculator(NequIPCalculator):
+    """:class:`~nequip.integrations.ase.NequIPCalculator` for
+    :func:`~nequip_deq.model.DEQEquiformerModel`: each call starts the fixed-point and adjoint
+    solves from the previous call's solutions (``deq_state``, ``deq_adjoint_state``), which in
+    MD are close to the new ones, so a step needs far fewer iterations. Results differ from a
+    cold start only within the solver tolerances.
+
+    With ``extrapolate`` (default) and two previous solutions of the same atoms, the start is
+    the linear extrapolation :math:`2 s_n - s_{n-1}` (MD trajectories are smooth, so this is
+    about an order of magnitude closer to the new solution than :math:`s_n` itself).
+
+    Falls back to a cold start (zeros) on the first call, when the atomic numbers change
+    (count or order), when the stored state has the wrong shape, or after :meth:`reset_state`.
+    ``warm_start=False`` always cold-starts (for comparisons).
+
+    Solver statistics of the last call are in ``results``: ``deq_iterations``,
+    ``deq_residual``, ``deq_adjoint_iterations``, ``deq_adjoint_residual`` and ``deq_warm``
+    (whether it was warm-started).
+
+    Eager models (``from_checkpoint_model`` / constructor) work as they are; compiled models
+    must be compiled with ``nequip-compile --mode aotinductor --target ase_deq`` (load with
+    :meth:`from_compiled_model`).
+    """
+
+    implemented_properties = NequIPCalculator.implemented_properties + [
+        "deq_iterations",
+        "deq_residual",
+        "deq_adjoint_iterations",
+        "deq_adjoint_residual",
+        "deq_warm",
+    ]
+
+    def __init__(
+        self,
+        *args,
+        warm_start: bool = True,
+        extrapolate: bool = True,
+        state_width: Optional[int] = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.warm_start = warm_start
+        self.extrapolate = extrapolate
+        self.state_width = state_width
+        self.reset_state()
+
+    @classmethod
+    def _get_aoti_compile_target(cls):
+        from nequip.scripts._compile_utils import COMPILE_TARGET_DICT
+
+        return COMPILE_TARGET_DICT[ASE_DEQ_TARGET]
+
+    @classmethod
+    def from_compiled_model(cls, compile_path, device="cpu", **kwargs):
+        """Load a ``.nequip.pt2`` compiled with ``--target ase_deq``."""
+        calc = super().from_compiled_model(compile_path, device=device, **kwargs)
+        metadata = torch._inductor.aoti_load_package(str(compile_path)).get_metadata()
+        if STATE_WIDTH_METADATA_KEY not in metadata:
+            raise ValueError(
+                f"{compile_path} has no `{STATE_WIDTH_METADATA_KEY}` metadata: it is not a "
+                f"DEQ model compiled with `--target {ASE_DEQ_TARGET}`."
+            )
+        calc.state_width = int(metadata[STATE_WIDTH_METADATA_KEY])
+        return calc
+
+    def reset_state(self) -> None:
+        """Forget the stored fixed points: the next call starts cold."""
+        self._history = []  # up to two (z*, v*) of the current atoms, oldest first
+        self._numbers = None
+        self._warm = False
+
+    def call_model(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        num_atoms = data[AtomicDataDict.POSITIONS_KEY].shape[0]
+        numbers = np.asarray(self.atoms.get_atomic_numbers())
+        same_atoms = (
+            self._numbers is not None
+            and np.array_equal(numbers, self._numbers)
+            and all(z.shape[0] == num_atoms for z, _ in self._history)
+        )
+        if not same_atoms:
+            self._history = []
+        warm = self.warm_start and len(self._history) > 0
+        # states travel in the dtype of the positions (the dtype a compiled model was traced with)
+        dtype = data[AtomicDataDict.POSITIONS_KEY].dtype
+        if warm:
+            z, v = self._history[-1]
+            if self.extrapolate and len(self._history) == 2:
+                z_old, v_old = self._history[0]
+                z, v = 2 * z - z_old, 2 * v - v_old
+            data[DEQ_STATE_KEY], data[DEQ_ADJOINT_STATE_KEY] = z.to(dtype), v.to(dtype)
+        elif self.state_width is not None:  # compiled models always take a state
+            zeros = torch.zeros(num_atoms, self.state_width, dtype=dtype, device=self.device)
+            data[DEQ_STATE_KEY], data[DEQ_ADJOINT_STATE_KEY] = zeros, zeros.clone()
+        out = super().call_model(data)
+        solution = (out[DEQ_STATE_KEY].detach(), out[DEQ_ADJOINT_STATE_KEY].detach())
+        self._history = (self._history + [solution])[-2:]
+        self._numbers = numbers.copy()
+        self._warm = warm
+        return out
+
+    def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
+        for key in SOLVER_STATISTICS:
+            self.results[key] = out[key].detach().cpu().numpy().reshape(-1)[0]
+        self.results["deq_warm"] = self._warm

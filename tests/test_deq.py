@@ -1,0 +1,288 @@
+"""DEQEquiformerModel beyond the harness: exact forces through the fixed point, solver
+residuals, warm start (same results, fewer iterations, cold fallback), refusal of partial
+forces, failure reporting, parameter gradients in training, TorchScript, bad settings."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
+from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
+from nequip.nn import PartialForceOutput
+from nequip.utils.global_state import set_global_state
+
+from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.model import DEQEquiformerModel, InvalidModelConfig
+from nequip_deq.nn.fixed_point import DEQEquiformerLayer, FixedPointError, PartialForcesNotExact
+
+TYPES = ["H", "C", "O"]
+R_MAX = 3.5
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def build(dtype="float64", **overrides):
+    set_global_state()
+    kwargs = dict(
+        seed=5, model_dtype=dtype, type_names=TYPES, r_max=R_MAX, l_max=2,
+        irreps_node_features="8x0e+4x1o+4x2e", num_heads=2, num_basis=8,
+        radial_mlp_width=16, num_output_features=16,
+        f_tol=TOL[dtype], b_tol=TOL[dtype], f_max_iter=200, b_max_iter=200,
+    )
+    kwargs.update(overrides)
+    model = DEQEquiformerModel(**kwargs)
+    model.eval()
+    return model
+
+
+def mapper():
+    return ChemicalSpeciesToAtomTypeMapper(
+        model_type_names=TYPES, chemical_species_to_atom_type_map={t: t for t in TYPES}
+    )
+
+
+def graph(atoms):
+    return mapper()(compute_neighborlist_(from_ase(atoms), r_max=R_MAX))
+
+
+def rattled(name, seed, amount=0.1):
+    atoms = molecule(name)
+    atoms.rattle(amount, seed=seed)
+    return atoms
+
+
+def deq_layer(model) -> DEQEquiformerLayer:
+    return next(m for m in model.modules() if isinstance(m, DEQEquiformerLayer))
+
+
+def central_difference_forces(model, data, eps, atoms_to_check):
+    pos = data[AtomicDataDict.POSITIONS_KEY]
+    numeric = torch.zeros(len(atoms_to_check), 3, dtype=torch.float64)
+    for row, atom in enumerate(atoms_to_check):
+        for k in range(3):
+            energies = []
+            for sign in (1, -1):
+                shifted = dict(data)
+                shifted[AtomicDataDict.POSITIONS_KEY] = pos.clone()
+                shifted[AtomicDataDict.POSITIONS_KEY][atom, k] += sign * eps
+                energies.append(float(model(shifted)[AtomicDataDict.TOTAL_ENERGY_KEY].detach()))
+            numeric[row, k] = -(energies[0] - energies[1]) / (2 * eps)
+    return numeric
+
+
+@pytest.mark.parametrize("dtype, eps, atol", [("float64", 1e-4, 1e-6), ("float32", 1e-2, 2e-3)])
+def test_forces_are_minus_dE_dx(dtype, eps, atol):
+    """Central differences of the reported energy equal the reported forces: the fixed point
+    moves with the atoms and the adjoint accounts for it."""
+    model = build(dtype)
+    data = graph(rattled("CH3CHO", 0))
+    out = model(dict(data))
+    assert int(out["deq_iterations"][0]) > 5  # it really iterates
+    atoms_to_check = [0, 3]
+    numeric = central_difference_forces(model, data, eps, atoms_to_check)
+    analytic = out[AtomicDataDict.FORCE_KEY].detach().double()[atoms_to_check]
+    assert analytic.abs().max() > 1e-2
+    torch.testing.assert_close(analytic, numeric, atol=atol, rtol=0)
+
+
+def test_phantom_gradient_is_not_exact():
+    """The phantom-gradient option is there for comparison; its forces are measurably not
+    -dE/dx (why it is not the default)."""
+    model = build("float64", gradient="phantom", train_unroll_steps=1)
+    data = graph(rattled("CH3CHO", 0))
+    out = model(dict(data))
+    numeric = central_difference_forces(model, data, 1e-4, [0, 3])
+    analytic = out[AtomicDataDict.FORCE_KEY].detach().double()[[0, 3]]
+    assert (analytic - numeric).abs().max() > 1e-3
+
+
+def test_residuals_below_tolerance():
+    """The reported statistics are true: recomputing f at the returned z* and the adjoint
+    equation at the returned v* gives residuals below the tolerances."""
+    model = build("float64")
+    data = graph(rattled("CH3CH2OH", 1))
+    out = model(dict(data))
+    layer = deq_layer(model)
+    assert float(out["deq_residual"][0]) <= TOL["float64"]
+    assert float(out["deq_adjoint_residual"][0]) <= TOL["float64"]
+    # independent check on the returned solutions, with the encoder output of this call
+    d = dict(out)
+    x = out[AtomicDataDict.NODE_FEATURES_KEY]
+    assert x.shape == out["deq_state"].shape
+    # node_features in the output is the encoder output (the DEQ layer writes only its fields)
+    x_hat = layer.injection.normalize(x.detach())
+    z = out["deq_state"].detach().requires_grad_(True)
+    fz = layer.f(z, d, x_hat)
+    assert float((fz - z).norm() / fz.norm()) < 1e-9
+    g = torch.autograd.grad(layer.energy(z, d).sum(), z, retain_graph=True)[0]
+    v = out["deq_adjoint_state"]
+    jtv = torch.autograd.grad(fz, z, v)[0]
+    assert float((g + jtv - v).norm() / (g + jtv).norm()) < 1e-9
+
+
+def calculator(model, warm_start=True):
+    return DEQCalculator(
+        model, device="cpu", warm_start=warm_start,
+        transforms=[mapper(), NeighborListTransform(r_max=R_MAX)],
+    )
+
+
+def short_trajectory(name="CH3CH2OH", steps=6, seed=0):
+    """Consecutive geometries 0.01 Å apart, like MD steps."""
+    atoms = rattled(name, seed, 0.05)
+    rng = np.random.default_rng(seed)
+    velocity = rng.normal(size=(len(atoms), 3))
+    velocity *= 0.01 / np.abs(velocity).max()
+    frames = []
+    for _ in range(steps):
+        frames.append(atoms.copy())
+        atoms.positions += velocity
+    return frames
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_warm_start_same_results_fewer_iterations(dtype):
+    """At an MD tolerance (1e-5 relative residual), warm-started solves agree with cold ones
+    within what the tolerance allows, with far fewer iterations."""
+    model = build(dtype, f_tol=1e-5, b_tol=1e-5)
+    cold, warm = calculator(model, warm_start=False), calculator(model)
+    tol = 1e-4
+    cold_iters, warm_iters = [], []
+    for i, atoms in enumerate(short_trajectory(steps=4)):
+        ref = cold.get_forces(atoms.copy()), cold.get_potential_energy(atoms.copy())
+        forces, energy = warm.get_forces(atoms.copy()), warm.get_potential_energy(atoms.copy())
+        np.testing.assert_allclose(forces, ref[0], atol=tol, rtol=0)
+        assert abs(energy - ref[1]) < tol
+        assert warm.results["deq_warm"] == (i > 0)
+        cold_iters.append(cold.results["deq_iterations"] + cold.results["deq_adjoint_iterations"])
+        warm_iters.append(warm.results["deq_iterations"] + warm.results["deq_adjoint_iterations"])
+    assert warm_iters[0] == cold_iters[0]  # first call is cold
+    assert np.mean(warm_iters[1:]) < 0.5 * np.mean(cold_iters[1:]), (cold_iters, warm_iters)
+
+
+def test_warm_start_falls_back_to_cold_when_atoms_change():
+    model = build("float64")
+    calc = calculator(model)
+    calc.get_forces(rattled("CH3CH2OH", 0))
+    other = rattled("CH3CHO", 0)  # different count and types
+    forces = calc.get_forces(other)
+    assert calc.results["deq_warm"] is False
+    np.testing.assert_allclose(forces, calculator(model, warm_start=False).get_forces(other), atol=1e-9)
+    swapped = rattled("CH3CHO", 1)
+    swapped.numbers = swapped.numbers[::-1].copy()  # same count, different order of types
+    calc.get_forces(swapped)
+    assert calc.results["deq_warm"] is False
+
+
+def test_partial_forces_are_refused():
+    """Per-atom energy gradients need one adjoint per atom: the model says so instead of
+    returning inexact numbers."""
+    model = build("float64")
+    model.model = PartialForceOutput(model.model.func)
+    with pytest.raises(PartialForcesNotExact, match="total energy"):
+        model(dict(graph(rattled("CH3CHO", 0))))
+
+
+def test_unconverged_solve_is_reported_and_nonfinite_raises():
+    model = build("float64", f_max_iter=3)
+    data = graph(rattled("CH3CHO", 0))
+    with pytest.warns(UserWarning, match=r"forward solve did not reach the tolerance .*after \[3\]"):
+        out = model(dict(data))
+    assert float(out["deq_residual"][0]) > TOL["float64"]
+    model = build("float64")
+    with torch.no_grad():
+        deq_layer(model).blocks[0].ffn.parameters().__next__().fill_(float("nan"))
+    with pytest.raises(FixedPointError, match="non-finite"):
+        model(dict(data))
+
+
+def test_training_force_loss_gradient_matches_finite_differences():
+    """Training differentiates the forces again (force loss -> parameters). With the
+    differentiable refinement steps, d(loss)/d(theta) agrees with central differences of
+    the loss computed by converged solves."""
+    model = build("float64", train_unroll_steps=8)
+    data = graph(rattled("CH3CH2OH", 3))
+    target = torch.randn(data[AtomicDataDict.POSITIONS_KEY].shape, dtype=torch.float64)
+
+    def loss():
+        out = model(dict(data))
+        return (out[AtomicDataDict.FORCE_KEY] - target).square().mean()
+
+    layer = deq_layer(model)
+    param = layer.blocks[0].ffn.parameters().__next__()
+    model.train()
+    (grad,) = torch.autograd.grad(loss(), [param])
+    model.eval()
+    flat = param.detach().view(-1)
+    rng = np.random.default_rng(0)
+    errors = []
+    for idx in rng.choice(flat.numel(), size=4, replace=False):
+        eps = 1e-4
+        with torch.no_grad():
+            flat[idx] += eps
+        up = float(loss())
+        with torch.no_grad():
+            flat[idx] -= 2 * eps
+        down = float(loss())
+        with torch.no_grad():
+            flat[idx] += eps
+        numeric = (up - down) / (2 * eps)
+        errors.append(abs(float(grad.view(-1)[idx]) - numeric) / max(abs(numeric), 1e-6))
+    assert max(errors) < 1e-2, errors
+
+
+def test_torchscript_matches_eager():
+    """Scripted (nequip's TorchScript build, the deployment path on torch < 2.10), the model
+    runs its own solver loops and gives the eager numbers and iteration counts."""
+    from e3nn.util.jit import script
+    from nequip.utils.compile import conditional_torchscript_mode
+
+    set_global_state()
+    with conditional_torchscript_mode(True):
+        model = build("float64")
+    data = graph(rattled("CH3CHO", 0))
+    ref = model(dict(data))
+    scripted = script(model)
+    out = scripted(dict(data))
+    for key in (AtomicDataDict.TOTAL_ENERGY_KEY, AtomicDataDict.FORCE_KEY):
+        torch.testing.assert_close(out[key], ref[key], atol=1e-9, rtol=0)
+    assert torch.equal(out["deq_iterations"], ref["deq_iterations"])
+    assert torch.equal(out["deq_adjoint_iterations"], ref["deq_adjoint_iterations"])
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_torchdeq_training_solvers(solver):
+    """In training the forward solve may use torchdeq's solvers (per frame, packed); they
+    reach the fixed point of the evaluation iteration."""
+    model = build("float64", solver=solver, f_tol=1e-9)
+    frames = [graph(rattled("CH3CHO", 1)), graph(rattled("CH3CH2OH", 2))]
+    batch = AtomicDataDict.batched_from_list(frames)
+    ref = model(dict(batch))
+    model.train()
+    out = model(dict(batch))
+    torch.testing.assert_close(out["deq_state"], ref["deq_state"], atol=1e-6, rtol=0)
+    assert (out["deq_residual"] < 1e-8).all()
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"f_tol": 0.0}, ["f_tol=0.0"]),
+        ({"b_max_iter": 1}, ["b_max_iter=1"]),
+        ({"damping": 1.5}, ["damping=1.5", "(0, 1]"]),
+        ({"injection": "multiply"}, ["injection='multiply'", "add", "concat"]),
+        ({"solver": "newton"}, ["solver='newton'", "anderson"]),
+        ({"gradient": "one-step"}, ["gradient='one-step'", "implicit", "phantom"]),
+        ({"num_deq_layers": 0}, ["num_deq_layers=0"]),
+        ({"norm_eps": 0.0}, ["norm_eps=0.0"]),
+        ({"branch_scale": -1.0}, ["branch_scale=-1.0"]),
+        ({"num_heads": 3}, ["num_heads=3", "does not divide"]),
+    ],
+)
+def test_bad_settings_are_refused(override, words):
+    with pytest.raises(InvalidModelConfig) as err:
+        build("float32", **override)
+    for word in words:
+        assert word in str(err.value), str(err.value)

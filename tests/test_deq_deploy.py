@@ -1,0 +1,102 @@
+"""DEQEquiformerModel end to end: ``nequip-train`` (loss goes down, solver statistics logged),
+then ``nequip-compile --mode aotinductor --target ase_deq`` and MD-like use through
+:class:`DEQCalculator`: the compiled model stops its solves at the tolerance, matches the
+eager model, and takes and returns the warm-start state (fewer iterations when warm)."""
+
+import csv
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+
+from nequip_deq._resolvers import bundled_data_path
+from nequip_deq.data import read_molecule_npz
+from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.scripts.md import load_calculator
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+MODEL = [
+    "training_module.model._target_=nequip_deq.model.DEQEquiformerModel",
+    "+training_module.model.l_max=2",
+    "+training_module.model.irreps_node_features=16x0e+8x1o+4x2e",
+    "+training_module.model.num_heads=4",
+    "+training_module.model.num_basis=8",
+    "+training_module.model.radial_mlp_width=16",
+    "+training_module.model.num_output_features=32",
+    "+training_module.model.f_tol=1e-5",
+    "+training_module.model.b_tol=1e-5",
+    "+training_module.model.jacobian_penalty=true",
+    "+training_module.model.avg_num_neighbors=${training_data_stats:num_neighbors_mean}",
+    "+training_module.model.per_type_energy_shifts=${training_data_stats:per_atom_energy_mean}",
+    "+training_module.model.per_type_energy_scales=${training_data_stats:forces_rms}",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("deq_train")
+    result = subprocess.run(
+        [
+            "nequip-train", "-cp", str(CONFIG_DIR), "-cn", "minimal_aspirin",
+            f"hydra.run.dir={run_dir}", *MODEL, "data.train=40", "trainer.max_epochs=2",
+            "training_module._target_=nequip_deq.train.DEQLightningModule",
+            "+training_module.jacobian_penalty_weight=1.0",
+            "training_module.optimizer.lr=0.002",
+            "training_module.loss.coeffs.forces=10.0",
+            "training_module.val_metrics.coeffs.forces_mae=10.0",
+            "+trainer.logger={_target_: lightning.pytorch.loggers.CSVLogger, save_dir: "
+            + str(run_dir) + "}",
+        ],
+        capture_output=True, text=True, cwd=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_logs_solver_statistics(trained):
+    rows = list(csv.DictReader(open(next(pathlib.Path(trained).rglob("metrics.csv")))))
+    losses = [float(r["val0_epoch/weighted_sum"]) for r in rows if r.get("val0_epoch/weighted_sum")]
+    assert len(losses) == 2 and losses[-1] < losses[0], losses
+    logged = set().union(*(r.keys() for r in rows))
+    for key in ("train_deq/deq_iterations", "val_deq/deq_adjoint_iterations",
+                "val_deq/max_deq_residual", "train_deq/jacobian_penalty"):
+        assert key in logged, sorted(logged)
+    iterations = [float(r["val_deq/deq_iterations"]) for r in rows if r.get("val_deq/deq_iterations")]
+    assert all(2 <= it < 60 for it in iterations), iterations
+
+
+def trajectory(steps):
+    """Consecutive frames of the bundled MD17 ethanol trajectory (0.5 fs apart)."""
+    return read_molecule_npz(bundled_data_path("md17_ethanol_first300.npz"), frames=range(steps))
+
+
+@pytest.mark.slow
+def test_compiled_warm_start_matches_eager(trained, tmp_path):
+    compiled = tmp_path / "deq.nequip.pt2"
+    result = subprocess.run(
+        ["nequip-compile", str(trained / "best.ckpt"), str(compiled), "--mode", "aotinductor",
+         "--device", "cpu", "--target", "ase_deq"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fast = load_calculator(str(compiled), "cpu")
+    assert isinstance(fast, DEQCalculator) and fast.state_width == 60  # 16x0e+8x1o+4x2e
+    eager = load_calculator(str(trained / "best.ckpt"), "cpu")  # what nequip-deq-md uses
+    assert isinstance(eager, DEQCalculator)
+    cold_iters, warm_iters = [], []
+    for i, atoms in enumerate(trajectory(6)):
+        atoms.center(vacuum=10.0)  # a dummy box, as nequip-deq-md does (finite stress)
+        f_fast = fast.get_forces(atoms.copy())
+        e_fast = fast.get_potential_energy(atoms.copy())
+        f_eager = eager.get_forces(atoms.copy())
+        e_eager = eager.get_potential_energy(atoms.copy())
+        np.testing.assert_allclose(f_fast, f_eager, atol=2e-3, rtol=0)
+        assert abs(e_fast - e_eager) < 1e-3
+        assert fast.results["deq_warm"] == (i > 0)
+        assert fast.results["deq_residual"] <= 2e-5 and fast.results["deq_adjoint_residual"] <= 2e-5
+        its = fast.results["deq_iterations"] + fast.results["deq_adjoint_iterations"]
+        (warm_iters if i > 0 else cold_iters).append(its)
+    # the compiled solve stops at the tolerance, so a warm start saves iterations
+    assert np.mean(warm_iters) < 0.6 * cold_iters[0], (cold_iters, warm_iters)
