@@ -120,7 +120,7 @@ def DEQEquiformerModel(
         branch_scale (float): initial LayerScale of the residual branches of the blocks in
             :math:`f` (default 0.1; small keeps :math:`f` contractive; ``null``: none)
         norm_eps (float): variance floor of the layer norms inside :math:`f` (default 0.1).
-            Their gain is at most :math:`1/\sqrt{\epsilon}`; with the usual 1e-5, nearly
+            Their gain is at most :math:`1/\\sqrt{\\epsilon}`; with the usual 1e-5, nearly
             symmetric environments (vanishing ``l > 0`` features, e.g. a crystal) make
             :math:`f` non-contractive and the solve stalls
         damping (float): relaxation :math:`\\beta \\in (0, 1]` of

@@ -24,7 +24,7 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         x' &= S(y) + \\mathrm{FFN}(\\mathrm{LN}_2(y))
 
     With ``branch_scale`` :math:`s`, the two residual branches are multiplied by learnable
-    scalars :math:`\gamma_a, \gamma_f` initialised to :math:`s` (LayerScale): a small
+    scalars :math:`\\gamma_a, \\gamma_f` initialised to :math:`s` (LayerScale): a small
     :math:`s` makes the block close to the identity at initialisation, which keeps a
     weight-tied DEQ function contractive.
 
@@ -40,8 +40,8 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         ffn_multiplier: hidden width factor of the feed-forward network
         output_norm: apply a layer norm to the output (used by the output block)
         branch_scale: initial LayerScale of the residual branches (default ``None``: none)
-        norm_eps: variance floor :math:`\epsilon` of the layer norms (their gain is at most
-            :math:`1/\sqrt{\epsilon}`)
+        norm_eps: variance floor :math:`\\epsilon` of the layer norms (their gain is at most
+            :math:`1/\\sqrt{\\epsilon}`)
     """
 
     def __init__(
