@@ -2,8 +2,6 @@
 residuals, warm start (same results, fewer iterations, cold fallback), refusal of partial
 forces, failure reporting, parameter gradients in training, TorchScript, bad settings."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch

@@ -65,17 +65,20 @@ class DEQCalculator(NequIPCalculator):
         return COMPILE_TARGET_DICT[ASE_DEQ_TARGET]
 
     @classmethod
-    def from_compiled_model(cls, compile_path, device="cpu", **kwargs):
-        """Load a ``.nequip.pt2`` compiled with ``--target ase_deq``."""
-        calc = super().from_compiled_model(compile_path, device=device, **kwargs)
-        metadata = torch._inductor.aoti_load_package(str(compile_path)).get_metadata()
-        if STATE_WIDTH_METADATA_KEY not in metadata:
-            raise ValueError(
-                f"{compile_path} has no `{STATE_WIDTH_METADATA_KEY}` metadata: it is not a "
-                f"DEQ model compiled with `--target {ASE_DEQ_TARGET}`."
-            )
-        calc.state_width = int(metadata[STATE_WIDTH_METADATA_KEY])
-        return calc
+    def from_compiled_model(cls, compile_path, device="cpu", state_width=None, **kwargs):
+        """Load a ``.nequip.pt2`` compiled with ``--target ase_deq``. ``state_width`` is read
+        from the model metadata unless given (callers that already read it pass it on)."""
+        if state_width is None:
+            metadata = torch._inductor.aoti_load_package(str(compile_path)).get_metadata()
+            if STATE_WIDTH_METADATA_KEY not in metadata:
+                raise ValueError(
+                    f"{compile_path} has no `{STATE_WIDTH_METADATA_KEY}` metadata: it is not a "
+                    f"DEQ model compiled with `--target {ASE_DEQ_TARGET}`."
+                )
+            state_width = int(metadata[STATE_WIDTH_METADATA_KEY])
+        return super().from_compiled_model(
+            compile_path, device=device, state_width=state_width, **kwargs
+        )
 
     def reset_state(self) -> None:
         """Forget the stored fixed points: the next call starts cold."""

@@ -65,16 +65,20 @@ def load_calculator(model: str, device: str):
         import torch
 
         metadata = torch._inductor.aoti_load_package(model).get_metadata()
-        cls = DEQCalculator if STATE_WIDTH_METADATA_KEY in metadata else NequIPCalculator
+        if STATE_WIDTH_METADATA_KEY not in metadata:
+            return NequIPCalculator.from_compiled_model(
+                model, device=device, chemical_species_to_atom_type_map=True
+            )
         try:
-            return cls.from_compiled_model(model, device=device, chemical_species_to_atom_type_map=True)
+            return DEQCalculator.from_compiled_model(
+                model, device=device, chemical_species_to_atom_type_map=True,
+                state_width=int(metadata[STATE_WIDTH_METADATA_KEY]),
+            )
         except Exception as e:
-            if cls is DEQCalculator:
-                raise RuntimeError(
-                    f"{model} is a DEQ model but could not be loaded for warm starts ({e}); "
-                    "compile it with `nequip-compile ... --mode aotinductor --target ase_deq`."
-                ) from e
-            raise
+            raise RuntimeError(
+                f"{model} is a DEQ model but could not be loaded for warm starts ({e}); "
+                "compile it with `nequip-compile ... --mode aotinductor --target ase_deq`."
+            ) from e
     if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(
             model, device=device, chemical_species_to_atom_type_map=True
