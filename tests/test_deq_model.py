@@ -15,20 +15,13 @@ import pytest
 
 from nequip.utils.unittests.model_tests import BaseEnergyModelTests
 
+from small_models import SMALL
+
 TRAIN_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "minimal_aspirin_deq.yaml")
 
 SMALL_DEQ = {
+    **{k: v for k, v in SMALL.items() if k != "num_layers"},
     "_target_": "nequip_deq.model.DEQEquiformerModel",
-    "seed": 123,
-    "type_names": ["H", "C", "O"],
-    "r_max": 4.0,
-    "l_max": 2,
-    "irreps_node_features": "8x0e+4x1o+4x2e",
-    "num_heads": 2,
-    "num_basis": 8,
-    "radial_mlp_width": 16,
-    "num_output_features": 16,
-    "avg_num_neighbors": 5.0,
     "f_tol": 1e-12,
     "b_tol": 1e-12,
     "f_max_iter": 200,

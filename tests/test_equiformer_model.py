@@ -18,21 +18,7 @@ from nequip.utils.unittests.utils import resolve_saved_model_path, run_nequip_co
 
 TRAIN_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "minimal_aspirin.yaml")
 
-# small enough for CPU tests; every part of the model is exercised
-SMALL = {
-    "_target_": "nequip_deq.model.EquiformerModel",
-    "seed": 123,
-    "type_names": ["H", "C", "O"],
-    "r_max": 4.0,
-    "num_layers": 2,
-    "l_max": 2,
-    "irreps_node_features": "8x0e+4x1o+4x2e",
-    "num_heads": 2,
-    "num_basis": 8,
-    "radial_mlp_width": 16,
-    "num_output_features": 16,
-    "avg_num_neighbors": 5.0,
-}
+from small_models import SMALL
 
 
 class _EquiformerHarness(BaseEnergyModelTests):
