@@ -1,4 +1,5 @@
-"""The ``nequip-compile --target ase_deq`` compile target: the ASE target plus the DEQ state.
+"""nequip-compile targets for DEQ models: ``ase_deq`` (ASE target plus the DEQ state) and
+``pair_nequip_deq`` (LAMMPS ``pair_style nequip`` with the in-model state cache).
 
 A compiled model takes ``deq_state`` / ``deq_adjoint_state`` (``(N, X)``: the previous
 step's fixed point and adjoint; zeros = cold start) and returns the new ones together with the
@@ -6,6 +7,12 @@ solver statistics, so that :class:`nequip_deq.integrations.ase.DEQCalculator` ca
 every MD step. The state width ``X`` is the model's; DEQ layers report it in the model metadata
 (``deq_state_width``) and the builder tells this target (:func:`set_state_width`) so that the
 example data used for tracing carries states of the right shape.
+
+``pair_nequip_deq`` has exactly ``pair_nequip``'s inputs (the pair style passes no state) and
+``pair_nequip``'s outputs plus the solver statistics (the pair style reads the fields it needs
+from the metadata's output list and ignores the rest). It requires the model modifier
+``enable_DEQStateCache`` (``--modifiers enable_DEQStateCache``), which keeps the previous fixed
+point inside the compiled model: see :mod:`nequip_deq.nn.state_cache`.
 """
 
 import torch
@@ -13,6 +20,7 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.scripts._compile_utils import (
     ASE_OUTPUTS,
+    LMP_OUTPUTS,
     PAIR_NEQUIP_INPUTS,
     register_compile_targets,
     single_frame_batch_map_settings,
@@ -22,22 +30,45 @@ from nequip.scripts._compile_utils import (
 from ._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, SOLVER_STATISTICS
 
 ASE_DEQ_TARGET = "ase_deq"
+PAIR_NEQUIP_DEQ_TARGET = "pair_nequip_deq"
 STATE_WIDTH_METADATA_KEY = "deq_state_width"
-_state_width = {"value": None}
+STATE_CACHE_METADATA_KEY = "deq_state_cache_atoms"
+_built = {"state_width": None, "state_cache": None}
 
 
 def set_state_width(width: int) -> None:
     """Called by the DEQ builder: the width ``X`` of the state of the model being built."""
-    _state_width["value"] = int(width)
+    _built["state_width"] = int(width)
+
+
+def set_state_cache(capacity: int) -> None:
+    """Called by the ``enable_DEQStateCache`` modifier: the model now keeps its state."""
+    _built["state_cache"] = int(capacity)
+
+
+def _require_deq(target: str) -> int:
+    width = _built["state_width"]
+    if width is None:
+        raise RuntimeError(
+            f"compile target `{target}` is for nequip_deq.model.DEQEquiformerModel models; "
+            "use `--target ase` or `--target pair_nequip` for other models."
+        )
+    return width
+
+
+def _pair_data_settings(data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+    _require_deq(PAIR_NEQUIP_DEQ_TARGET)
+    if _built["state_cache"] is None:
+        raise RuntimeError(
+            f"compile target `{PAIR_NEQUIP_DEQ_TARGET}` warm-starts every MD step from a state "
+            "kept inside the model: add `--modifiers enable_DEQStateCache` to nequip-compile "
+            "(or use `--target pair_nequip` for a model that starts cold every step)."
+        )
+    return single_frame_data_settings(data)
 
 
 def _data_settings(data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-    width = _state_width["value"]
-    if width is None:
-        raise RuntimeError(
-            f"compile target `{ASE_DEQ_TARGET}` is for nequip_deq.model.DEQEquiformerModel "
-            "models; use `--target ase` (or `pair_nequip`) for other models."
-        )
+    width = _require_deq(ASE_DEQ_TARGET)
     data = single_frame_data_settings(data)
     num_atoms = data[AtomicDataDict.POSITIONS_KEY].shape[0]
     dtype = data[AtomicDataDict.POSITIONS_KEY].dtype
@@ -56,6 +87,30 @@ register_compile_targets(
             + list(SOLVER_STATISTICS),
             "batch_map_settings": single_frame_batch_map_settings,
             "data_settings": _data_settings,
-        }
+        },
+        PAIR_NEQUIP_DEQ_TARGET: {
+            "input": list(PAIR_NEQUIP_INPUTS),
+            "output": LMP_OUTPUTS + list(SOLVER_STATISTICS),
+            "batch_map_settings": single_frame_batch_map_settings,
+            "data_settings": _pair_data_settings,
+        },
     }
 )
+
+
+def compiled_target(metadata: dict) -> str:
+    """Name of the nequip-compile target whose inputs and outputs a compiled model's metadata
+    lists (``custom`` when none matches)."""
+    from nequip.scripts._compile_utils import COMPILE_TARGET_DICT
+    from nequip.utils.aoti_metadata import (
+        NEQUIP_AOTI_INPUTS_KEY,
+        NEQUIP_AOTI_OUTPUTS_KEY,
+        parse_aoti_keys,
+    )
+
+    inputs = parse_aoti_keys(metadata.get(NEQUIP_AOTI_INPUTS_KEY, ""))
+    outputs = parse_aoti_keys(metadata.get(NEQUIP_AOTI_OUTPUTS_KEY, ""))
+    for name, target in COMPILE_TARGET_DICT.items():
+        if list(target["input"]) == inputs and list(target["output"]) == outputs:
+            return name
+    return "custom"

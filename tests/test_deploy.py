@@ -1,5 +1,6 @@
 """Deployment: nequip-compile (AOTInductor, ASE and pair_nequip targets) agrees with the
-eager model on molecules of 9-21 atoms, ASE MD runs with the compiled model, and the model
+eager model on molecules of 9-21 atoms and a periodic box (pair_nequip: called as the LAMMPS
+pair style calls it), ASE MD runs with the compiled model, and the model
 scripts with TorchScript (the deployment path on torch < 2.10)."""
 
 import pathlib
@@ -16,7 +17,8 @@ from nequip.integrations.ase import NequIPCalculator
 from nequip.model.inference_models import load_compiled_model
 from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
 
-from nequip_deq.scripts.md import give_molecule_a_cell, load_structure, main as md_main
+from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, lammps_virial, pair_nequip_inputs
+from nequip_deq.scripts.md import give_molecule_a_cell, load_calculator, load_structure, main as md_main
 from test_train import MODEL, nequip_train
 
 TYPES = ["C", "H", "O"]
@@ -81,32 +83,34 @@ def test_compiled_ase_model_matches_eager_and_runs_md(checkpoint, eager_calc, tm
 
 @pytest.mark.slow
 def test_compiled_pair_nequip_model_matches_eager(checkpoint, eager_calc, tmp_path):
-    """The LAMMPS target, called with pair_nequip's inputs (positions, edges, types, cell,
-    edge cell shifts) and outputs (per-atom energy, forces, virial)."""
+    """The LAMMPS target, called as pair_style nequip calls it (local positions, ghost images
+    folded onto their owners as cell shifts, LAMMPS box and type order; see
+    nequip_deq.integrations.lammps), gives the ASE energy, forces and virial: molecules in a
+    box and a periodic box with ghost atoms."""
     compiled = nequip_compile(checkpoint, tmp_path / "lmp.nequip.pt2", "pair_nequip")
     model, metadata = load_compiled_model(str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS)
     assert metadata["type_names"] == TYPES
+    assert check_pair_model(torch._inductor.aoti_load_package(str(compiled)).get_metadata(), ["H", "C", "O"])
     r_max = float(metadata["r_max"])
-    mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES, chemical_species_to_atom_type_map={t: t for t in TYPES})
-    for atoms in structures():
-        data = mapper(compute_neighborlist_(from_ase(atoms), r_max=r_max))
-        data.pop(AtomicDataDict.BATCH_KEY, None)
-        data.pop(AtomicDataDict.NUM_NODES_KEY, None)
-        out = model({k: data[k] for k in PAIR_NEQUIP_INPUTS})
-        ref = eager_calc.model(AtomicDataDict.with_batch_(dict(data)))
-        torch.testing.assert_close(
-            out[AtomicDataDict.PER_ATOM_ENERGY_KEY].double(),
-            ref[AtomicDataDict.PER_ATOM_ENERGY_KEY].detach().double(),
-            atol=5e-5, rtol=1e-5,
+    periodic = structures()[0]
+    periodic.cell = [[6.0, 0.0, 0.0], [1.0, 6.5, 0.0], [0.5, 0.3, 7.0]]
+    periodic.pbc = True
+    for atoms in structures() + [periodic]:
+        atoms = lammps_frame(atoms)
+        inputs = pair_nequip_inputs(atoms, r_max, TYPES, lammps_elements=["H", "C", "O"], shuffle_seed=0)
+        out = model(inputs)
+        ref = atoms.copy()
+        ref.calc = eager_calc
+        energy = float(out[AtomicDataDict.PER_ATOM_ENERGY_KEY].sum())
+        assert abs(energy - ref.get_potential_energy()) < 1e-5 * len(atoms)
+        np.testing.assert_allclose(out[AtomicDataDict.FORCE_KEY].numpy(), ref.get_forces(), atol=5e-5, rtol=1e-4)
+        expected = -ref.get_stress(voigt=False) * ref.get_volume()
+        np.testing.assert_allclose(
+            lammps_virial(out[AtomicDataDict.VIRIAL_KEY]),
+            expected[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]], atol=1e-4, rtol=1e-4,
         )
-        torch.testing.assert_close(
-            out[AtomicDataDict.FORCE_KEY].double(), ref[AtomicDataDict.FORCE_KEY].detach().double(), atol=5e-5, rtol=1e-4
-        )
-        torch.testing.assert_close(
-            out[AtomicDataDict.VIRIAL_KEY].double().view(3, 3),
-            ref[AtomicDataDict.VIRIAL_KEY].detach().double().view(3, 3),
-            atol=1e-4, rtol=1e-4,
-        )
+    with pytest.raises(ValueError, match=r"compiled for `--target pair_nequip`; ASE needs `--target ase`"):
+        load_calculator(str(compiled), "cpu")
 
 
 @pytest.mark.parametrize("attention_type, nonlinear", [("mlp", True), ("dot_product", False)])

@@ -174,6 +174,69 @@ def test_warm_start_falls_back_to_cold_when_atoms_change():
     assert calc.results["deq_warm"] is False
 
 
+def single_frame(atoms):
+    """What pair_style nequip passes: one frame, no batch fields, no state."""
+    data = graph(atoms)
+    return {k: v for k, v in data.items() if k not in (AtomicDataDict.BATCH_KEY, AtomicDataDict.NUM_NODES_KEY)}
+
+
+def with_state_cache(model, **kwargs):
+    from nequip.model.modify_utils import modify
+
+    return modify(model, [{"modifier": "enable_DEQStateCache", **kwargs}])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_state_cache_warm_starts_callers_that_pass_no_state(dtype):
+    """With enable_DEQStateCache the model keeps its last fixed point: consecutive MD steps
+    start warm (fewer iterations) and give the cold results within the tolerance; another
+    system, permuted atoms or a system over the capacity start cold and give identical
+    results."""
+    cached = with_state_cache(build(dtype, f_tol=1e-5, b_tol=1e-5))
+    assert cached.metadata["deq_state_cache_atoms"] == "10000"
+    plain = build(dtype, f_tol=1e-5, b_tol=1e-5)
+    iters = lambda out: int(out["deq_iterations"][0] + out["deq_adjoint_iterations"][0])  # noqa: E731
+    cold_iters, warm_iters = [], []
+    for atoms in short_trajectory(steps=4):
+        out, ref = cached(single_frame(atoms)), plain(single_frame(atoms))
+        torch.testing.assert_close(out["forces"], ref["forces"], atol=1e-4, rtol=0)
+        warm_iters.append(iters(out))
+        cold_iters.append(iters(ref))
+    # nothing stored at first; then the previous z*; then extrapolated from the last two
+    assert warm_iters[0] == cold_iters[0]
+    assert warm_iters[1] < 0.8 * cold_iters[1], (cold_iters, warm_iters)
+    assert max(warm_iters[2:]) < 0.5 * min(cold_iters[2:]), (cold_iters, warm_iters)
+
+    def cold_start_exact(atoms, model):
+        out, ref = model(single_frame(atoms)), plain(single_frame(atoms))
+        assert iters(out) == iters(ref)
+        torch.testing.assert_close(out["forces"], ref["forces"], atol=0, rtol=0)
+
+    permuted = short_trajectory(steps=4)[-1]
+    permuted.positions = permuted.positions[::-1].copy()
+    permuted.numbers = permuted.numbers[::-1].copy()  # same structure, atoms renumbered
+    cold_start_exact(permuted, cached)
+    cold_start_exact(rattled("CH3CHO", 0), cached)
+    small = with_state_cache(build(dtype, f_tol=1e-5, b_tol=1e-5), capacity=4)
+    for atoms in short_trajectory(steps=2):  # 9 atoms > 4: always cold
+        cold_start_exact(atoms, small)
+
+
+def test_state_cache_is_off_in_training_and_batches():
+    """Training and batched calls never read or write the cache."""
+    model = with_state_cache(build("float64"))
+    layer = deq_layer(model)
+    batch = AtomicDataDict.batched_from_list([graph(rattled("CH3CHO", 0)), graph(rattled("CH3CHO", 1))])
+    model(batch)
+    assert int(layer.state_cache.num_atoms[0]) == -1
+    model.train()
+    model(single_frame(rattled("CH3CHO", 0)))
+    assert int(layer.state_cache.num_atoms[0]) == -1
+    model.eval()
+    model(single_frame(rattled("CH3CHO", 0)))
+    assert int(layer.state_cache.num_atoms[0]) == 7
+
+
 def test_partial_forces_are_refused():
     """Per-atom energy gradients need one adjoint per atom: the model says so instead of
     returning inexact numbers."""
@@ -248,6 +311,12 @@ def test_torchscript_matches_eager():
         torch.testing.assert_close(out[key], ref[key], atol=1e-9, rtol=0)
     assert torch.equal(out["deq_iterations"], ref["deq_iterations"])
     assert torch.equal(out["deq_adjoint_iterations"], ref["deq_adjoint_iterations"])
+    # the in-model state cache scripts too: the second call of the same frame starts warm
+    with conditional_torchscript_mode(True):
+        cached = script(with_state_cache(build("float64")))
+    first, second = cached(single_frame(rattled("CH3CHO", 0))), cached(single_frame(rattled("CH3CHO", 0)))
+    assert int(second["deq_iterations"][0]) < int(first["deq_iterations"][0])
+    torch.testing.assert_close(second["forces"], first["forces"], atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])

@@ -1,7 +1,8 @@
 """DEQEquiformerModel end to end: ``nequip-train`` (loss goes down, solver statistics logged),
 then ``nequip-compile --mode aotinductor --target ase_deq`` and MD-like use through
 :class:`DEQCalculator`: the compiled model stops its solves at the tolerance, matches the
-eager model, and takes and returns the warm-start state (fewer iterations when warm)."""
+eager model, and takes and returns the warm-start state (fewer iterations when warm); and
+``--target pair_nequip_deq`` with the in-model state cache, called as LAMMPS calls it."""
 
 import csv
 import pathlib
@@ -9,10 +10,16 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
+from nequip.model.inference_models import load_compiled_model
+from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
+
+from nequip_deq._keys import SOLVER_STATISTICS
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
 from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, pair_nequip_inputs
 from nequip_deq.scripts.md import load_calculator
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
@@ -100,3 +107,48 @@ def test_compiled_warm_start_matches_eager(trained, tmp_path):
         (warm_iters if i > 0 else cold_iters).append(its)
     # the compiled solve stops at the tolerance, so a warm start saves iterations
     assert np.mean(warm_iters) < 0.6 * cold_iters[0], (cold_iters, warm_iters)
+
+
+@pytest.mark.slow
+def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, tmp_path):
+    """`--target pair_nequip_deq --modifiers enable_DEQStateCache`: called as pair_style
+    nequip calls it (no state passed; periodic box with ghost atoms), the compiled model
+    warm-starts consecutive MD steps from the fixed point it kept, gives the cold eager results
+    within the solver tolerance, and starts cold for another system."""
+    compiled = tmp_path / "lmp.nequip.pt2"
+    result = subprocess.run(
+        ["nequip-compile", str(trained / "best.ckpt"), str(compiled), "--mode", "aotinductor",
+         "--device", "cpu", "--target", "pair_nequip_deq", "--modifiers", "enable_DEQStateCache"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = check_pair_model(torch._inductor.aoti_load_package(str(compiled)).get_metadata(), ["C", "H", "O"])
+    assert any("state cache for up to 10000 atoms" in n for n in notes), notes
+    model, metadata = load_compiled_model(
+        str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS + list(SOLVER_STATISTICS)
+    )
+    r_max = float(metadata["r_max"])
+    cold = load_calculator(str(trained / "best.ckpt"), "cpu")
+    cold.warm_start = False
+
+    def step(atoms):
+        atoms = lammps_frame(atoms)
+        out = model(pair_nequip_inputs(atoms, r_max, metadata["type_names"], shuffle_seed=0))
+        ref = atoms.copy()
+        ref.calc = cold
+        np.testing.assert_allclose(out["forces"].numpy(), ref.get_forces(), atol=2e-3, rtol=0)
+        assert abs(float(out["atomic_energy"].sum()) - ref.get_potential_energy()) < 1e-3
+        assert float(out["deq_residual"]) <= 2e-5 and float(out["deq_adjoint_residual"]) <= 2e-5
+        return int(out["deq_iterations"]) + int(out["deq_adjoint_iterations"])
+
+    iterations = []
+    for atoms in trajectory(6):
+        atoms.cell = [[8.0, 0.0, 0.0], [0.0, 8.5, 0.0], [0.0, 0.0, 9.0]]
+        atoms.pbc = True  # periodic images within the cutoff: ghost atoms
+        iterations.append(step(atoms))
+    assert np.mean(iterations[2:]) < 0.6 * iterations[0], iterations
+    aspirin = read_molecule_npz(bundled_data_path("rmd17_aspirin_test_01_first200.npz"), frames=[0])[0]
+    aspirin.center(vacuum=8.0)
+    step(aspirin)  # another system: cold start, same numbers as the cold eager model
+    with pytest.raises(ValueError, match=r"compiled for `--target pair_nequip_deq`; ASE needs `--target ase_deq`"):
+        load_calculator(str(compiled), "cpu")

@@ -28,6 +28,7 @@ from nequip_deq.nn import (
     ExpNormalEdgeLengthEncoding,
     GaussianEdgeLengthEncoding,
 )
+from nequip_deq.nn.ghost_atoms import LocalAtomEnergies
 
 RADIAL_BASES = ("gaussian", "exp_normal", "bessel")
 
@@ -187,7 +188,8 @@ def energy_readout(
     per_type_energy_scales_trainable: bool,
     per_type_energy_shifts_trainable: bool,
 ) -> Dict[str, object]:
-    """Per-atom energy MLP (scalar features -> 1) followed by per-type scale and shift."""
+    """Per-atom energy MLP (scalar features -> 1) followed by per-type scale and shift (and,
+    under LAMMPS ML-IAP, zero energies on ghost atoms: :mod:`~nequip_deq.nn.ghost_atoms`)."""
     readout = ScalarMLP(
         output_dim=1,
         hidden_layers_depth=1,
@@ -208,7 +210,12 @@ def energy_readout(
         shifts_trainable=per_type_energy_shifts_trainable,
         irreps_in=readout.irreps_out,
     )
-    return {"per_atom_energy_readout": readout, "per_type_energy_scale_shift": scale_shift}
+    local_only = LocalAtomEnergies(irreps_in=scale_shift.irreps_out)
+    return {
+        "per_atom_energy_readout": readout,
+        "per_type_energy_scale_shift": scale_shift,
+        "local_atom_energies": local_only,
+    }
 
 
 @model_builder

@@ -9,6 +9,7 @@ from e3nn.util.jit import compile_mode
 
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
+from nequip.nn._ghost_exchange_base import NoOpGhostExchangeModule
 
 from .attention import EquivariantGraphAttention
 from .feed_forward import EquivariantFeedForward
@@ -32,6 +33,11 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
     ``512x0e``) an equivariant linear shortcut, followed by a final layer norm when
     ``output_norm``. Reads ``edge_attrs`` (spherical harmonics), ``edge_embedding`` (enveloped
     radial basis) and ``edge_cutoff`` (envelope).
+
+    Under LAMMPS ML-IAP the nodes are local + ghost atoms and only local atoms receive
+    messages: the block first replaces the ghost rows of its input by their owners' features
+    (``ghost_exchange``: a no-op until nequip's ``enable_LAMMPSMLIAPGhostExchange`` modifier
+    swaps in LAMMPS' exchange), so that every message a local atom receives is right.
 
     Args:
         irreps_out: output feature irreps (default: same as input)
@@ -89,12 +95,16 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         self.ffn = EquivariantFeedForward(X, out, multiplier=ffn_multiplier)
         self.shortcut = None if out == X else Linear(X, out)
         self.norm_out = EquivariantLayerNorm(out) if output_norm else None
+        self.ghost_exchange = NoOpGhostExchangeModule(
+            field=AtomicDataDict.NODE_FEATURES_KEY, irreps_in=self.irreps_in
+        )
         if branch_scale is None:
             self.register_buffer("branch_scales", torch.ones(2))
         else:
             self.branch_scales = torch.nn.Parameter(torch.full((2,), float(branch_scale)))
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data = self.ghost_exchange(data, ghost_included=True)
         x = data[AtomicDataDict.NODE_FEATURES_KEY]
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
         y = x + self.branch_scales[0] * self.attn(

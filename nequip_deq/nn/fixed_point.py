@@ -26,6 +26,7 @@ from a warm start. In training, torchdeq's ``anderson`` / ``broyden`` may replac
 iteration.
 """
 
+import os
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -35,10 +36,15 @@ from e3nn.util.jit import compile_mode
 
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin, scatter
+from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
 
 from .. import _keys
+from .._compile_targets import STATE_CACHE_METADATA_KEY, STATE_WIDTH_METADATA_KEY, set_state_cache
 from .block import EquiformerBlock
 from .injection import Injection
+from .state_cache import DEFAULT_CAPACITY, DEFAULT_MAX_DISPLACEMENT, DEQStateCache, cache_inputs
+
+CACHE_CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"
 
 SOLVERS = ("fixed_point_iter", "anderson", "broyden")
 GRADIENTS = ("implicit", "phantom")
@@ -111,6 +117,10 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
     docstring, per atom), ``deq_state`` (:math:`z^*`), ``deq_adjoint_state`` (:math:`v^*`) and per
     frame ``deq_iterations``, ``deq_residual``, ``deq_adjoint_iterations``,
     ``deq_adjoint_residual``.
+
+    A single-frame caller that passes no state (LAMMPS ``pair_style nequip``) gets warm starts
+    from the in-model :class:`~nequip_deq.nn.state_cache.DEQStateCache` once the model modifier
+    ``enable_DEQStateCache`` is applied (off by default; evaluation only).
 
     Gradients (``gradient``):
 
@@ -192,11 +202,46 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
         self.train_unroll_steps = int(train_unroll_steps)
         self.jacobian_penalty = bool(jacobian_penalty)
         self.last_jacobian_penalty = None
+        self.state_cache = DEQStateCache(0, irreps.dim, torch.get_default_dtype())
 
     @torch.jit.unused
     def _get_metadata_contributions(self) -> Dict[str, str]:
         # the state width lets a calculator give a compiled model a cold-start state
-        return {"deq_state_width": str(self.injection.norm.irreps.dim)}
+        out = {STATE_WIDTH_METADATA_KEY: str(self.injection.norm.irreps.dim)}
+        if self.state_cache.capacity > 0:
+            out[STATE_CACHE_METADATA_KEY] = str(self.state_cache.capacity)
+        return out
+
+    @model_modifier(persistent=False)
+    @classmethod
+    def enable_DEQStateCache(
+        cls,
+        model: torch.nn.Module,
+        capacity: Optional[int] = None,
+        max_displacement: float = DEFAULT_MAX_DISPLACEMENT,
+    ) -> torch.nn.Module:
+        """Keep the last fixed point inside the model and warm-start the next call from it
+        when it is the same system a moment later (:mod:`~nequip_deq.nn.state_cache`): for
+        callers that pass no state, such as LAMMPS ``pair_style nequip``. ``capacity`` (atoms;
+        default: environment variable ``NEQUIP_DEQ_STATE_CACHE_ATOMS`` or 10000) bounds the
+        systems that profit; larger ones run cold."""
+        if capacity is None:
+            capacity = int(os.environ.get(CACHE_CAPACITY_ENV, DEFAULT_CAPACITY))
+        if capacity < 1:
+            raise ValueError(
+                f"enable_DEQStateCache: capacity {capacity} must be a number of atoms >= 1 "
+                f"(set {CACHE_CAPACITY_ENV} or pass `capacity`)."
+            )
+
+        def factory(layer: "DEQEquiformerLayer") -> "DEQEquiformerLayer":
+            old = layer.state_cache
+            layer.state_cache = DEQStateCache(
+                capacity, old.state.shape[1], old.state.dtype, max_displacement
+            ).to(old.state.device)
+            return layer
+
+        set_state_cache(capacity)
+        return replace_submodules(model, cls, factory)
 
     # ---- the DEQ function and the readout ------------------------------------------------
 
@@ -232,6 +277,17 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
         b_tol = max(self.b_tol, floor)
         z0 = self._start(data, _keys.DEQ_STATE_KEY, x)
         v0 = self._start(data, _keys.DEQ_ADJOINT_STATE_KEY, x)
+        use_cache = (
+            self.state_cache.capacity > 0
+            and not self.training
+            and AtomicDataDict.BATCH_KEY not in data
+            and _keys.DEQ_STATE_KEY not in data
+            and AtomicDataDict.POSITIONS_KEY in data  # not under LAMMPS ML-IAP
+        )
+        cache_hit = torch.zeros((), dtype=torch.bool, device=x.device)
+        if use_cache:
+            pos, types, cell = cache_inputs(data)
+            z0, v0, cache_hit = self.state_cache.lookup(pos, types, cell, z0)
         eager = False
         if not torch.jit.is_scripting():
             eager = not _is_tracing()
@@ -283,6 +339,9 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
 
         if eager and self.training and self.jacobian_penalty:
             self._jacobian_penalty(data, x_hat, z_star)
+        if use_cache:
+            pos, types, cell = cache_inputs(data)
+            self.state_cache.store(pos, types, z_star, v_star, cache_hit)
         data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
         data[_keys.DEQ_STATE_KEY] = z_star.detach()
         data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()

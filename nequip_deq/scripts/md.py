@@ -51,13 +51,29 @@ def give_molecule_a_cell(atoms: Atoms) -> None:
         atoms.center(vacuum=10.0)
 
 
+def check_elements(atoms: Atoms, calculator) -> None:
+    """Refuse, before any MD, a structure with elements the model has no type for."""
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+
+    for transform in getattr(calculator, "transforms", []):
+        if isinstance(transform, ChemicalSpeciesToAtomTypeMapper):
+            known = list(transform.model_type_names)
+            unknown = sorted(set(atoms.get_chemical_symbols()) - set(known))
+            if unknown:
+                raise ValueError(
+                    f"the structure contains {unknown}, which the model was not trained on (its "
+                    f"type_names are {known}); use a model trained with these elements."
+                )
+
+
 def load_calculator(model: str, device: str):
     """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
     (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
-    DEQ models warm-start only when compiled with ``--target ase_deq``."""
+    models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
+    refused with the target to use."""
     from nequip.integrations.ase import NequIPCalculator
 
-    from nequip_deq._compile_targets import STATE_WIDTH_METADATA_KEY
+    from nequip_deq._compile_targets import STATE_WIDTH_METADATA_KEY, compiled_target
     from nequip_deq.integrations.ase import DEQCalculator
     from nequip_deq.nn.fixed_point import DEQEquiformerLayer
 
@@ -65,20 +81,22 @@ def load_calculator(model: str, device: str):
         import torch
 
         metadata = torch._inductor.aoti_load_package(model).get_metadata()
+        target = compiled_target(metadata)
+        if target not in ("ase", "ase_deq"):
+            wanted = "ase_deq" if STATE_WIDTH_METADATA_KEY in metadata else "ase"
+            raise ValueError(
+                f"{model} was compiled for `--target {target}`; ASE needs `--target {wanted}` "
+                f"(recompile: nequip-compile <checkpoint> <out>.nequip.pt2 --mode aotinductor "
+                f"--target {wanted})."
+            )
         if STATE_WIDTH_METADATA_KEY not in metadata:
             return NequIPCalculator.from_compiled_model(
                 model, device=device, chemical_species_to_atom_type_map=True
             )
-        try:
-            return DEQCalculator.from_compiled_model(
-                model, device=device, chemical_species_to_atom_type_map=True,
-                state_width=int(metadata[STATE_WIDTH_METADATA_KEY]),
-            )
-        except Exception as e:
-            raise RuntimeError(
-                f"{model} is a DEQ model but could not be loaded for warm starts ({e}); "
-                "compile it with `nequip-compile ... --mode aotinductor --target ase_deq`."
-            ) from e
+        return DEQCalculator.from_compiled_model(
+            model, device=device, chemical_species_to_atom_type_map=True,
+            state_width=int(metadata[STATE_WIDTH_METADATA_KEY]),
+        )
     if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(
             model, device=device, chemical_species_to_atom_type_map=True
@@ -166,6 +184,7 @@ def main(argv=None):
 
     calc = load_calculator(args.model, args.device)
     atoms = load_structure(args.structure)
+    check_elements(atoms, calc)
     give_molecule_a_cell(atoms)
     summary = run_md(
         atoms, calc, args.steps, args.timestep, args.temperature, args.ensemble,

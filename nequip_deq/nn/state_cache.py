@@ -1,0 +1,171 @@
+"""The previous fixed point kept inside a DEQ model, for callers that pass no state.
+
+LAMMPS' ``pair_style nequip`` calls a compiled model once per MD step with positions, edges,
+types and cell only: it has no way to hand back the previous step's :math:`z^*`. With the
+cache enabled (model modifier ``enable_DEQStateCache``, e.g. ``nequip-compile ... --modifiers
+enable_DEQStateCache``), the DEQ layer keeps :math:`z^*`, :math:`v^*`, the positions and the
+types of its last call in buffers. The next call starts from them when it is *the same system a
+moment later*:
+
+- the same number of atoms :math:`N \\le` ``capacity``,
+- the same type at every index,
+- every atom moved less than ``max_displacement`` (minimum image in the cell, so atoms that
+  LAMMPS wraps back into the box at re-neighbouring still match),
+
+and from zeros (cold start) otherwise. Because the solvers iterate to their tolerance from
+any start, results depend on the history only within the solver tolerance; the cache changes
+how many iterations a step costs, not what it returns.
+
+Buffers are fixed-size (``capacity`` atoms; an AOTInductor model cannot grow them) and not
+saved in checkpoints. Systems larger than ``capacity`` run cold every step.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from nequip.data import AtomicDataDict
+
+DEFAULT_CAPACITY = 10000
+DEFAULT_MAX_DISPLACEMENT = 0.5  # Å; MD moves atoms ~0.01-0.05 Å per step
+
+
+class DEQStateCache(torch.nn.Module):
+    """The last two calls' fixed points and adjoints, and the last positions and types
+    (``capacity`` rows each).
+
+    A matching call starts from :math:`z_0 = 2 z^*_{n} - z^*_{n-1}` (linear extrapolation, as
+    :class:`~nequip_deq.integrations.ase.DEQCalculator` does) when the two previous calls were
+    the same system, from :math:`z^*_n` after one, and from zeros otherwise; the adjoint alike.
+
+    Every read of a buffer goes through rows that depend on the input's atom count
+    (``index_select``), and a call reads and writes ``N`` rows, never the whole capacity.
+    (AOTInductor folds expressions of buffers alone into compile-time constants, even for
+    buffers the model mutates; with every read tied to the input nothing can be folded, and a
+    model compiled for a static atom count would only ever start cold.)
+
+    Args:
+        capacity: largest number of atoms whose state is kept (0: disabled)
+        width: state width ``X`` (the dimension of the node-feature irreps)
+        dtype: dtype of the states (the model dtype)
+        max_displacement: largest per-atom move (Å) for which a call counts as the same system
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        width: int,
+        dtype: torch.dtype = torch.float32,
+        max_displacement: float = DEFAULT_MAX_DISPLACEMENT,
+    ):
+        super().__init__()
+        self.capacity = int(capacity)
+        self.max_displacement = float(max_displacement)
+        buffers = {
+            "num_atoms": torch.full((1,), -1, dtype=torch.long),
+            "types": torch.full((self.capacity,), -1, dtype=torch.long),
+            "positions": torch.zeros(self.capacity, 3, dtype=torch.float64),
+            # per row: do state_prev / adjoint_prev belong to the same system as state / adjoint?
+            "prev_valid": torch.zeros(self.capacity, dtype=torch.bool),
+            "state": torch.zeros(self.capacity, width, dtype=dtype),
+            "state_prev": torch.zeros(self.capacity, width, dtype=dtype),
+            "adjoint": torch.zeros(self.capacity, width, dtype=dtype),
+            "adjoint_prev": torch.zeros(self.capacity, width, dtype=dtype),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def _rows(self, n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Buffer row of each of ``n`` atoms (clamped to the capacity) and whether it fits:
+        gathers and scatters with these keep every shape ``n`` or ``capacity``, which export
+        can trace without guards on ``n``."""
+        idx = torch.arange(n, device=device)
+        return idx.clamp(max=self.capacity - 1), idx < self.capacity
+
+    def _stored(self, buffer: torch.Tensor, n: int, fill: float) -> torch.Tensor:
+        """The first ``n`` stored rows (``fill`` beyond the capacity)."""
+        rows, fits = self._rows(n, buffer.device)
+        got = buffer.index_select(0, rows)
+        if got.dim() > 1:
+            fits = fits.unsqueeze(-1)
+        return torch.where(fits, got, torch.full_like(got, fill))
+
+    def matches(
+        self, pos: torch.Tensor, types: torch.Tensor, cell: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """0-dim bool: is this the stored system a moment later (see the module docstring)?"""
+        n = pos.shape[0]
+        same_size = self.num_atoms[0] == n
+        same_types = (self._stored(self.types, n, -1.0) == types).all()
+        move = pos.detach().to(torch.float64) - self._stored(self.positions, n, 0.0)
+        if cell is not None:
+            move = _minimum_image(move, cell.detach().to(torch.float64).reshape(3, 3))
+        small = move.square().sum(-1).max() < self.max_displacement**2
+        return same_size & same_types & small
+
+    def _start(
+        self, last: torch.Tensor, before: torch.Tensor, hit: torch.Tensor, zero: torch.Tensor
+    ) -> torch.Tensor:
+        n = zero.shape[0]
+        last_rows = self._stored(last, n, 0.0).to(zero.dtype)
+        before_rows = self._stored(before, n, 0.0).to(zero.dtype)
+        two = self._stored(self.prev_valid, n, 0.0).all()
+        start = torch.where(two, 2.0 * last_rows - before_rows, last_rows)
+        return torch.where(hit, start, zero)
+
+    def lookup(
+        self, pos: torch.Tensor, types: torch.Tensor, cell: Optional[torch.Tensor], zero: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Starting points ``(z0, v0)``, each like ``zero`` ``(N, X)`` (see the class
+        docstring), and whether the call :meth:`matches` the stored system."""
+        hit = self.matches(pos, types, cell)
+        z0 = self._start(self.state, self.state_prev, hit, zero)
+        v0 = self._start(self.adjoint, self.adjoint_prev, hit, zero)
+        return z0, v0, hit
+
+    def store(
+        self, pos: torch.Tensor, types: torch.Tensor, z: torch.Tensor, v: torch.Tensor, hit: torch.Tensor
+    ) -> None:
+        """Keep this call's system and solutions (``hit``: from :meth:`lookup`); a system
+        larger than the capacity is marked unmatchable."""
+        n = pos.shape[0]
+        rows, _ = self._rows(n, pos.device)
+        self.state_prev.index_copy_(0, rows, self.state.index_select(0, rows))
+        self.adjoint_prev.index_copy_(0, rows, self.adjoint.index_select(0, rows))
+        self.prev_valid.index_copy_(0, rows, hit.expand(n))
+        self.state.index_copy_(0, rows, z.detach().to(self.state.dtype))
+        self.adjoint.index_copy_(0, rows, v.detach().to(self.adjoint.dtype))
+        self.types.index_copy_(0, rows, types)
+        self.positions.index_copy_(0, rows, pos.detach().to(torch.float64))
+        size = torch.full_like(self.num_atoms, n)
+        self.num_atoms.copy_(torch.where(size <= self.capacity, size, -1))
+
+    def reset(self) -> None:
+        """Forget the stored system (the next call starts cold)."""
+        self.num_atoms.fill_(-1)
+
+
+def _minimum_image(move: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Displacements ``(N, 3)`` reduced by whole lattice vectors of ``cell`` ``(3, 3)`` (rows
+    are lattice vectors); unchanged for a singular (e.g. zero) cell. The 3x3 inverse is
+    written out (cross products over the determinant) to stay clear of LAPACK calls in
+    compiled models."""
+    a, b, c = cell[0], cell[1], cell[2]
+    cofactors = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=1)
+    det = torch.dot(a, cofactors[:, 0])
+    regular = det.abs() > 1e-6
+    inverse = cofactors / torch.where(regular, det, torch.ones_like(det))
+    frac = move @ inverse
+    reduced = move - torch.round(frac) @ cell
+    return torch.where(regular, reduced, move)
+
+
+def cache_inputs(
+    data: AtomicDataDict.Type,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Positions, types and (if present) cell of a single-frame ``data``."""
+    cell: Optional[torch.Tensor] = None
+    if AtomicDataDict.CELL_KEY in data:
+        cell = data[AtomicDataDict.CELL_KEY]
+    return data[AtomicDataDict.POSITIONS_KEY], data[AtomicDataDict.ATOM_TYPE_KEY], cell
+
