@@ -42,9 +42,13 @@ from .. import _keys
 from .._compile_targets import STATE_CACHE_METADATA_KEY, STATE_WIDTH_METADATA_KEY, set_state_cache
 from .block import EquiformerBlock
 from .injection import Injection
-from .state_cache import DEFAULT_CAPACITY, DEFAULT_MAX_DISPLACEMENT, DEQStateCache, cache_inputs
-
-CACHE_CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"
+from .state_cache import (
+    CAPACITY_ENV,
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_DISPLACEMENT,
+    DEQStateCache,
+    cache_inputs,
+)
 
 SOLVERS = ("fixed_point_iter", "anderson", "broyden")
 GRADIENTS = ("implicit", "phantom")
@@ -226,11 +230,11 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
         default: environment variable ``NEQUIP_DEQ_STATE_CACHE_ATOMS`` or 10000) bounds the
         systems that profit; larger ones run cold."""
         if capacity is None:
-            capacity = int(os.environ.get(CACHE_CAPACITY_ENV, DEFAULT_CAPACITY))
+            capacity = int(os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
         if capacity < 1:
             raise ValueError(
                 f"enable_DEQStateCache: capacity {capacity} must be a number of atoms >= 1 "
-                f"(set {CACHE_CAPACITY_ENV} or pass `capacity`)."
+                f"(set {CAPACITY_ENV} or pass `capacity`)."
             )
 
         def factory(layer: "DEQEquiformerLayer") -> "DEQEquiformerLayer":

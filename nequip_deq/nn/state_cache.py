@@ -27,6 +27,7 @@ import torch
 from nequip.data import AtomicDataDict
 
 DEFAULT_CAPACITY = 10000
+CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"  # overrides DEFAULT_CAPACITY for nequip-compile
 DEFAULT_MAX_DISPLACEMENT = 0.5  # Å; MD moves atoms ~0.01-0.05 Å per step
 
 
