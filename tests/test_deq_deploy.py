@@ -152,3 +152,5 @@ def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, tmp_path)
     step(aspirin)  # another system: cold start, same numbers as the cold eager model
     with pytest.raises(ValueError, match=r"compiled for `--target pair_nequip_deq`; ASE needs `--target ase_deq`"):
         load_calculator(str(compiled), "cpu")
+    with pytest.raises(ValueError, match=r"`--target pair_nequip_deq`: DEQCalculator needs .*`--target ase_deq`"):
+        DEQCalculator.from_compiled_model(str(compiled))

@@ -8,7 +8,7 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
-from .._compile_targets import ASE_DEQ_TARGET, STATE_WIDTH_METADATA_KEY
+from .._compile_targets import ASE_DEQ_TARGET, STATE_WIDTH_METADATA_KEY, compiled_target
 from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, SOLVER_STATISTICS
 
 
@@ -70,10 +70,13 @@ class DEQCalculator(NequIPCalculator):
         from the model metadata unless given (callers that already read it pass it on)."""
         if state_width is None:
             metadata = torch._inductor.aoti_load_package(str(compile_path)).get_metadata()
-            if STATE_WIDTH_METADATA_KEY not in metadata:
+            target = compiled_target(metadata)
+            if STATE_WIDTH_METADATA_KEY not in metadata or target != ASE_DEQ_TARGET:
                 raise ValueError(
-                    f"{compile_path} has no `{STATE_WIDTH_METADATA_KEY}` metadata: it is not a "
-                    f"DEQ model compiled with `--target {ASE_DEQ_TARGET}`."
+                    f"{compile_path} was compiled for `--target {target}`"
+                    + ("" if STATE_WIDTH_METADATA_KEY in metadata else " and is not a DEQ model")
+                    + f": DEQCalculator needs a DEQ model compiled with `--target {ASE_DEQ_TARGET}` "
+                    "(other models: nequip's NequIPCalculator with `--target ase`)."
                 )
             state_width = int(metadata[STATE_WIDTH_METADATA_KEY])
         return super().from_compiled_model(
