@@ -1,7 +1,8 @@
-"""LAMMPS pair_style nequip contract, eager side: the inputs the pair style builds (local
-positions, full neighbour list with ghost images folded back onto their owners as cell
-shifts, LAMMPS box) give both models' ASE energies, forces and virial; type-map, wrong-target
-and unknown-element errors name the mismatch. The compiled models are checked the same way in
+"""LAMMPS, eager side: the inputs pair_style nequip builds (local positions, full neighbour
+list with ghost images folded back onto their owners as cell shifts, LAMMPS box) give both
+models' ASE energies, forces and virial; so does nequip's ML-IAP wrapper on one rank with ghost
+atoms; the shipped LAMMPS inputs run in a real LAMMPS; type-map, wrong-target and
+unknown-element errors name the mismatch. The compiled models are called the same way in
 test_deploy.py and test_deq_deploy.py."""
 
 import ctypes
@@ -41,7 +42,7 @@ R_MAX = 4.0
 
 def periodic_ethanol():
     """Ethanol in a small triclinic box, rotated off LAMMPS' orientation: with r_max 4 Å,
-    atoms see several periodic images (some of themselves)."""
+    atoms near the faces see periodic images of the others."""
     atoms = molecule("CH3CH2OH")
     atoms.cell = [[6.0, 0.0, 0.0], [1.0, 6.5, 0.0], [0.5, 0.3, 7.0]]
     atoms.pbc = True

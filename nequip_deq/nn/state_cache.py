@@ -141,10 +141,6 @@ class DEQStateCache(torch.nn.Module):
         size = torch.full_like(self.num_atoms, n)
         self.num_atoms.copy_(torch.where(size <= self.capacity, size, -1))
 
-    def reset(self) -> None:
-        """Forget the stored system (the next call starts cold)."""
-        self.num_atoms.fill_(-1)
-
 
 def _minimum_image(move: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     """Displacements ``(N, 3)`` reduced by whole lattice vectors of ``cell`` ``(3, 3)`` (rows
