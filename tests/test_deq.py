@@ -113,7 +113,7 @@ def test_residuals_below_tolerance():
     x_hat = layer.injection.normalize(x.detach())
     z = out["deq_state"].detach().requires_grad_(True)
     fz = layer.f(z, d, x_hat)
-    assert float((fz - z).norm() / fz.norm()) < 1e-9
+    assert float(((fz - z).norm() / fz.norm()).detach()) < 1e-9
     g = torch.autograd.grad(layer.energy(z, d).sum(), z, retain_graph=True)[0]
     v = out["deq_adjoint_state"]
     jtv = torch.autograd.grad(fz, z, v)[0]
