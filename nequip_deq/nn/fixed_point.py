@@ -474,21 +474,9 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
         tol: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self._loop_data(data)
-        batch = batch.clone()
-
-        def cond(it, z, iters, res, active):
-            return (it < self.f_max_iter) & active.any()
-
-        def body(it, z, iters, res, active):
-            z, iters, res, active = self._step(
-                z, self.f(z, d, x_hat), iters, res, active, batch, num_frames, tol
-            )
-            return it + 1, z, iters, res, active
-
-        start = self._loop_start(z0, num_frames)
-        with torch.no_grad():
-            _, z, iters, res, _ = torch.while_loop(cond, body, start)
-        return z, iters, res
+        return self._while(
+            lambda z: self.f(z, d, x_hat), z0, self.f_max_iter, batch, num_frames, tol
+        )
 
     @torch.jit.unused
     def _adjoint_traced(
@@ -507,33 +495,40 @@ class DEQEquiformerLayer(GraphModuleMixin, torch.nn.Module):
             g = torch.autograd.grad(self.energy(z, data).sum(), z)[0]
         d = self._loop_data(data)
         g = g.detach()
-        batch = batch.clone()
         z_star = z_star.detach().clone()
 
-        def cond(it, v, iters, res, active):
-            return (it < self.b_max_iter) & active.any()
-
-        def body(it, v, iters, res, active):
+        def adjoint_map(v):
             _, vjp = torch.func.vjp(lambda zz: self.f(zz, d, x_hat), z_star)
-            v, iters, res, active = self._step(
-                v, g + vjp(v)[0], iters, res, active, batch, num_frames, tol
-            )
-            return it + 1, v, iters, res, active
+            return g + vjp(v)[0]
 
-        start = self._loop_start(v0, num_frames)
-        with torch.no_grad():
-            _, v, iters, res, _ = torch.while_loop(cond, body, start)
-        return v, iters, res
+        return self._while(adjoint_map, v0, self.b_max_iter, batch, num_frames, tol)
 
     @torch.jit.unused
-    def _loop_start(self, z0: torch.Tensor, num_frames: int):
-        return (
-            torch.zeros((), dtype=torch.long, device=z0.device),
-            z0,
-            torch.zeros(num_frames, dtype=torch.long, device=z0.device),
-            torch.full((num_frames,), float("inf"), dtype=z0.dtype, device=z0.device),
-            torch.ones(num_frames, dtype=torch.bool, device=z0.device),
+    def _while(self, fixed_map, s0, max_iter: int, batch, num_frames: int, tol: float):
+        """The damped iteration of :meth:`_step` on ``s <- fixed_map(s)`` as a
+        ``torch.while_loop`` (exportable: it stops at the tolerance inside the compiled model).
+        Returns ``s``, iterations and the last relative residual per frame."""
+        batch = batch.clone()
+
+        def cond(it, s, iters, res, active):
+            return (it < max_iter) & active.any()
+
+        def body(it, s, iters, res, active):
+            s, iters, res, active = self._step(
+                s, fixed_map(s), iters, res, active, batch, num_frames, tol
+            )
+            return it + 1, s, iters, res, active
+
+        start = (
+            torch.zeros((), dtype=torch.long, device=s0.device),
+            s0,
+            torch.zeros(num_frames, dtype=torch.long, device=s0.device),
+            torch.full((num_frames,), float("inf"), dtype=s0.dtype, device=s0.device),
+            torch.ones(num_frames, dtype=torch.bool, device=s0.device),
         )
+        with torch.no_grad():
+            _, s, iters, res, _ = torch.while_loop(cond, body, start)
+        return s, iters, res
 
     # ---- training-only parts (eager) ------------------------------------------------------
 
