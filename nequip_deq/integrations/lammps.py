@@ -141,6 +141,32 @@ def ghost_images(atoms: Atoms, cutoff: float):
     return np.concatenate(positions), np.concatenate(owners)
 
 
+def neighbour_pairs(atoms: Atoms, everything: np.ndarray, r_max: float):
+    """LAMMPS' full neighbour list of the local atoms: ``(i, j)`` with ``i`` local and ``j``
+    an index into ``everything`` (local + ghost positions, :func:`ghost_images`) within
+    ``r_max``; an atom is not its own neighbour, its images are."""
+    dist = np.linalg.norm(everything[None, :, :] - atoms.positions[:, None, :], axis=-1)
+    i, j = np.nonzero(dist <= r_max)
+    keep = i != j
+    return i[keep], j[keep]
+
+
+def atom_types(
+    atoms: Atoms, model_type_names: Sequence[str], lammps_elements: Optional[Sequence[str]] = None
+) -> List[int]:
+    """Model type index of each atom through the LAMMPS types ``lammps_elements`` (by default
+    the distinct symbols of ``atoms`` in order of first appearance); raises
+    :class:`LAMMPSTypeMapError` when an element has no type."""
+    symbols = atoms.get_chemical_symbols()
+    if lammps_elements is None:
+        lammps_elements = list(dict.fromkeys(symbols))
+    type_map = lammps_type_map(model_type_names, lammps_elements)
+    missing = sorted(set(symbols) - set(lammps_elements))
+    if missing:
+        raise LAMMPSTypeMapError(f"atoms of {missing} have no LAMMPS type in {list(lammps_elements)}.")
+    return [type_map[list(lammps_elements).index(s)] for s in symbols]
+
+
 def pair_nequip_inputs(
     atoms: Atoms,
     r_max: float,
@@ -161,21 +187,10 @@ def pair_nequip_inputs(
     cell = atoms.cell.array
     if abs(np.linalg.det(cell)) < 1e-9:
         raise ValueError("LAMMPS always has a box: give `atoms` a cell (e.g. atoms.center(vacuum=10)).")
-    symbols = atoms.get_chemical_symbols()
-    if lammps_elements is None:
-        lammps_elements = list(dict.fromkeys(symbols))
-    type_map = lammps_type_map(model_type_names, lammps_elements)
-    missing = sorted(set(symbols) - set(lammps_elements))
-    if missing:
-        raise LAMMPSTypeMapError(f"atoms of {missing} have no LAMMPS type in {list(lammps_elements)}.")
-    types = [type_map[list(lammps_elements).index(s)] for s in symbols]
-
+    types = atom_types(atoms, model_type_names, lammps_elements)
     everything, owner = ghost_images(atoms, r_max)
     n_local = len(atoms)
-    dist = np.linalg.norm(everything[None, :, :] - atoms.positions[:, None, :], axis=-1)
-    i, j = np.nonzero(dist <= r_max)
-    keep = j != i  # an atom is not its own neighbour; its images are
-    i, j = i[keep], j[keep]
+    i, j = neighbour_pairs(atoms, everything, r_max)
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(i))
         i, j = i[order], j[order]
@@ -211,16 +226,11 @@ class SingleRankMLIAPData:
     def __init__(self, atoms: Atoms, r_max: float, model_type_names: Sequence[str]):
         positions, self.owner = ghost_images(atoms, r_max)
         self.nlocal, self.ntotal = len(atoms), len(positions)
-        dist = np.linalg.norm(positions[None, :, :] - atoms.positions[:, None, :], axis=-1)
-        i, j = np.nonzero(dist <= r_max)
-        keep = i != j
-        self.pair_i, self.pair_j = i[keep].astype(np.int32), j[keep].astype(np.int32)
+        i, j = neighbour_pairs(atoms, positions, r_max)
+        self.pair_i, self.pair_j = i.astype(np.int32), j.astype(np.int32)
         self.npairs = len(self.pair_i)
         self.rij = positions[self.pair_j] - positions[self.pair_i]
-        symbols = atoms.get_chemical_symbols()
-        elements = list(dict.fromkeys(symbols))
-        type_map = lammps_type_map(model_type_names, elements)
-        local_types = np.array([type_map[elements.index(s)] for s in symbols], dtype=np.int32)
+        local_types = np.array(atom_types(atoms, model_type_names), dtype=np.int32)
         self.elems = local_types[self.owner]
         self.eatoms = np.zeros(self.nlocal)
         self.energy = None
