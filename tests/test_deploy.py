@@ -90,6 +90,9 @@ def test_compiled_pair_nequip_model_matches_eager(checkpoint, eager_calc, tmp_pa
     compiled = nequip_compile(checkpoint, tmp_path / "lmp.nequip.pt2", "pair_nequip")
     model, metadata = load_compiled_model(str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS)
     assert metadata["type_names"] == TYPES
+    # what the pair style reads from the metadata
+    assert int(metadata["num_types"]) == 3 and metadata["model_dtype"] == "float32"
+    assert float(metadata["r_max"]) > 0
     assert check_pair_model(torch._inductor.aoti_load_package(str(compiled)).get_metadata(), ["H", "C", "O"])
     r_max = float(metadata["r_max"])
     periodic = structures()[0]
