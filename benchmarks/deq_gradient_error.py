@@ -3,8 +3,10 @@ in float64 on a rattled ethanol molecule (solver tolerances 1e-11):
 
 1. forces vs -dE/dx (the implicit/adjoint gradient; phantom gradient for comparison);
 2. the parameter gradient of a force loss, d/dtheta mean|F - F_ref|^2, which training needs
-   (forces differentiated a second time), for ``train_unroll_steps`` K = 0 (z*, v* frozen),
-   1, 2, 3, 5, 8 differentiable refinement steps.
+   (forces differentiated a second time), over parameters spread across the encoder, f and
+   the readout: ``train_gradient: implicit`` (the default; backward fixed-point solve at the
+   default ``grad_tol`` and a tighter one) and ``train_gradient: unroll`` with K = 0 (z*, v*
+   frozen), 1, 2, 3, 5, 8 differentiable refinement steps.
 
     python benchmarks/deq_gradient_error.py
 """
@@ -103,16 +105,23 @@ def main():
     model = build()
     layer = next(m for m in model.modules() if isinstance(m, DEQEquiformerLayer))
     rng = np.random.default_rng(0)
-    named = dict(layer.named_parameters())
-    chosen = [n for n in named if named[n].numel() > 1][:: max(1, len(named) // 6)][:6]
+    named = {n: p for n, p in model.named_parameters() if p.numel() > 1}
+    chosen = list(named)[:: max(1, len(named) // 8)][:8]
     params = [(named[n], int(rng.integers(named[n].numel()))) for n in chosen]
     target = torch.randn(data[AtomicDataDict.POSITIONS_KEY].shape, dtype=torch.float64)
-    print("   parameters (in f and readout): " + ", ".join(chosen))
+    print("   parameters: " + ", ".join(chosen))
+    default_tol = layer.grad_tol
+    for tol in (default_tol, 1e-9):
+        layer.grad_tol = tol
+        errors = loss_gradient_error(model, data, params, target)
+        print(f"   train_gradient=implicit, grad_tol={tol:g}: median {np.median(errors):.1e}, "
+              f"max {max(errors):.1e}")
+    layer.train_implicit = False
     for steps in (0, 1, 2, 3, 5, 8):
         layer.train_unroll_steps = steps
         errors = loss_gradient_error(model, data, params, target)
-        print(f"   train_unroll_steps={steps}: median {np.median(errors):.1e}, max {max(errors):.1e}")
-
+        print(f"   train_gradient=unroll, train_unroll_steps={steps}: median "
+              f"{np.median(errors):.1e}, max {max(errors):.1e}")
 
 if __name__ == "__main__":
     main()

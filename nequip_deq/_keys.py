@@ -14,6 +14,10 @@ SOLVER_RESIDUAL_KEY: Final[str] = "deq_residual"  # final relative residual of t
 ADJOINT_ITERATIONS_KEY: Final[str] = "deq_adjoint_iterations"  # adjoint iterations
 ADJOINT_RESIDUAL_KEY: Final[str] = "deq_adjoint_residual"  # final relative residual of the adjoint solve
 
+# graph field, (num_frames,): index of the frame in its data file (MoleculeNPZDataset), the key
+# of the training-time fixed-point store (warm-started training, nequip_deq.train)
+FRAME_INDEX_KEY: Final[str] = "frame_index"
+
 SOLVER_STATISTICS = (
     SOLVER_ITERATIONS_KEY,
     SOLVER_RESIDUAL_KEY,

@@ -110,5 +110,13 @@ def test_datamodule_protocol():
     val = [d[AtomicDataDict.POSITIONS_KEY] for d in dm.val_dataset[0]]
     assert len(train) == 30 and len(val) == 10 and len(dm.test_dataset[0]) == 20
     assert not any(torch.equal(t, v) for t in train for v in val)
+    # every frame carries its index in the file (the key of warm-started DEQ training),
+    # through batching too
+    raw = np.load(RMD17)["coords"]
+    for frame in dm.train_dataset[0]:
+        index = int(frame["frame_index"])
+        np.testing.assert_allclose(frame[AtomicDataDict.POSITIONS_KEY].numpy(), raw[index])
+    batch = AtomicDataDict.batched_from_list([dm.train_dataset[0][i] for i in range(3)])
+    assert batch["frame_index"].shape == (3,)
     with pytest.raises(ValueError, match="train=900"):
         MD17DataModule(train_file=RMD17, transforms=[], seed=0, train=900, val=50)

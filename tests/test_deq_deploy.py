@@ -51,6 +51,7 @@ def trained(tmp_path_factory):
             f"hydra.run.dir={run_dir}", *MODEL, "data.train=40", "trainer.max_epochs=2",
             "training_module._target_=nequip_deq.train.DEQLightningModule",
             "+training_module.jacobian_penalty_weight=1.0",
+            "+training_module.warm_start_training=true",
             "training_module.optimizer.lr=0.002",
             "training_module.loss.coeffs.forces=10.0",
             "training_module.val_metrics.coeffs.forces_mae=10.0",
@@ -65,6 +66,8 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_logs_solver_statistics(trained):
+    """nequip-train of a DEQ (implicit training gradient, warm-started training) lowers the
+    validation loss and logs the forward, adjoint and backward solver statistics."""
     rows = list(csv.DictReader(open(next(pathlib.Path(trained).rglob("metrics.csv")))))
     losses = [float(r["val0_epoch/weighted_sum"]) for r in rows if r.get("val0_epoch/weighted_sum")]
     assert len(losses) == 2 and losses[-1] < losses[0], losses
@@ -74,6 +77,21 @@ def test_training_lowers_the_loss_and_logs_solver_statistics(trained):
         assert key in logged, sorted(logged)
     iterations = [float(r["val_deq/deq_iterations"]) for r in rows if r.get("val_deq/deq_iterations")]
     assert all(2 <= it < 60 for it in iterations), iterations
+    # the implicit training gradient's backward solve is logged and converges
+    backward = [float(r["train_deq/deq_backward_iterations"]) for r in rows
+                if r.get("train_deq/deq_backward_iterations")]
+    assert backward and all(2 <= it < 80 for it in backward), backward
+    residuals = [float(r["train_deq/max_deq_backward_residual"]) for r in rows
+                 if r.get("train_deq/max_deq_backward_residual")]
+    assert max(residuals) <= 1e-5, residuals
+    # warm-started training: the second epoch starts every frame from its first-epoch fixed
+    # point, so its forward and adjoint solves take fewer iterations
+    for key in ("train_deq/deq_iterations", "train_deq/deq_adjoint_iterations"):
+        per_epoch = {}
+        for r in rows:
+            if r.get(key):
+                per_epoch.setdefault(int(r["epoch"]), []).append(float(r[key]))
+        assert np.mean(per_epoch[1]) < 0.8 * np.mean(per_epoch[0]), (key, per_epoch)
 
 
 def trajectory(steps):

@@ -27,6 +27,8 @@ from nequip.data import AtomicDataDict
 from nequip.data.ase import from_ase
 from nequip.data.dataset import AtomicDataset
 
+from .._keys import FRAME_INDEX_KEY
+
 LAYOUTS: Dict[str, Dict[str, str]] = {
     "rmd17": {"z": "nuclear_charges", "R": "coords", "E": "energies", "F": "forces"},
     "sgdml": {"z": "z", "R": "R", "E": "E", "F": "F"},
@@ -130,7 +132,9 @@ def num_frames(path: Union[str, Path]) -> int:
 class MoleculeNPZDataset(AtomicDataset):
     """nequip dataset of an rMD17 or sGDML (MD17, MD22) npz file, in eV and Å.
 
-    The whole file is validated on construction (see :func:`read_molecule_npz`).
+    The whole file is validated on construction (see :func:`read_molecule_npz`). Every frame
+    carries its index in the file as ``frame_index`` (a graph field): the key under which
+    warm-started DEQ training keeps the frame's fixed point (:mod:`nequip_deq.train`).
 
     Args:
         file_path (str): the npz file
@@ -149,9 +153,11 @@ class MoleculeNPZDataset(AtomicDataset):
         super().__init__(transforms=transforms)
         self.file_path = file_path
         frames = None if max_frames is None else range(min(max_frames, num_frames(file_path)))
-        self.data_list: List[AtomicDataDict.Type] = [
-            from_ase(atoms) for atoms in read_molecule_npz(file_path, energy_unit, frames)
-        ]
+        self.data_list: List[AtomicDataDict.Type] = []
+        for index, atoms in enumerate(read_molecule_npz(file_path, energy_unit, frames)):
+            data = from_ase(atoms)
+            data[FRAME_INDEX_KEY] = torch.tensor([index], dtype=torch.long)
+            self.data_list.append(data)
 
     def __len__(self) -> int:
         return len(self.data_list)

@@ -1,6 +1,7 @@
 """Model builders (``@model_builder`` functions) named in YAML as ``nequip_deq.model.X``."""
 
-from .equiformer import EquiformerModel, InvalidModelConfig
+from .architecture import InvalidModelConfig
+from .equiformer import EquiformerModel
 from .deq_equiformer import DEQEquiformerModel
 
 __all__ = ["EquiformerModel", "DEQEquiformerModel", "InvalidModelConfig"]

@@ -1,30 +1,36 @@
 """``DEQEquiformerModel``: a deep-equilibrium Equiformer with exact forces."""
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Optional
 
 from nequip.model import model_builder
-from nequip.model.energy_modules import _append_energy_modules
-from nequip.nn import ForceStressOutput, SequentialGraphNetwork
+from nequip.nn.compile import CompileGraphModel
 
 from nequip_deq._compile_targets import set_state_width
 from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY
-from nequip_deq.nn import EquiformerBlock
-from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, DEQEquiformerLayer
+from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
 from nequip_deq.nn.injection import INJECTIONS
 
-from .equiformer import (
-    InvalidModelConfig,
-    check_equiformer_args,
-    default_node_irreps,
-    energy_readout,
-    equiformer_encoder,
-    parse_irreps,
-)
+from .architecture import EquiformerArchitecture, InvalidModelConfig, with_architecture_args
+
+
+class NoTrainTimeCompile(CompileGraphModel):
+    """nequip's ``compile_mode: compile`` wrapper, refused for DEQ models (at build time,
+    before any training): the traced model cannot run the solvers' data-dependent loops with
+    the exact training gradient."""
+
+    def __init__(self, *args, **kwargs):
+        raise InvalidModelConfig(
+            "DEQEquiformerModel does not support `compile_mode: compile` (train-time "
+            "compilation): tracing cannot keep the exact implicit training gradient (a "
+            "backward fixed-point solve). Remove `compile_mode` or set it to `eager`; "
+            "compile the trained model for deployment with nequip-compile."
+        )
 
 
 def check_deq_args(
     num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
-    gradient, train_unroll_steps, branch_scale, norm_eps,
+    gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
+    norm_eps,
 ) -> None:
     """Refuse solver settings the model cannot run with, naming the argument and the fix."""
     if not isinstance(num_deq_layers, int) or num_deq_layers < 1:
@@ -35,6 +41,7 @@ def check_deq_args(
         ("injection", injection, INJECTIONS),
         ("solver", solver, SOLVERS),
         ("gradient", gradient, GRADIENTS),
+        ("train_gradient", train_gradient, TRAIN_GRADIENTS),
     ):
         if value not in allowed:
             raise InvalidModelConfig(f"`{name}={value!r}` is unknown; use one of {list(allowed)}.")
@@ -43,12 +50,14 @@ def check_deq_args(
             f"`damping={damping}` must be in (0, 1] (1: plain fixed-point iteration; "
             "0.5-0.8 if the solve oscillates)."
         )
-    for name, tol in (("f_tol", f_tol), ("b_tol", b_tol)):
+    for name, tol in (("f_tol", f_tol), ("b_tol", b_tol), ("grad_tol", grad_tol)):
         if not 0.0 < tol < 1.0:
             raise InvalidModelConfig(
                 f"`{name}={tol}` must be a relative residual tolerance in (0, 1), e.g. 1e-4."
             )
-    for name, n in (("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter)):
+    for name, n in (
+        ("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter), ("grad_max_iter", grad_max_iter)
+    ):
         if not isinstance(n, int) or n < 2:
             raise InvalidModelConfig(f"`{name}={n}` must be an integer >= 2, e.g. 60.")
     if not isinstance(train_unroll_steps, int) or train_unroll_steps < 0:
@@ -63,10 +72,9 @@ def check_deq_args(
         )
 
 
-@model_builder
+@model_builder(compile_wrapper_class=NoTrainTimeCompile)
+@with_architecture_args
 def DEQEquiformerModel(
-    r_max: float,
-    type_names: Sequence[str],
     num_deq_layers: int = 1,
     injection: str = "add",
     branch_scale: Optional[float] = 0.1,
@@ -78,30 +86,12 @@ def DEQEquiformerModel(
     b_tol: float = 1e-4,
     b_max_iter: int = 60,
     gradient: str = "implicit",
+    train_gradient: str = "implicit",
     train_unroll_steps: int = 3,
+    grad_tol: float = 1e-5,
+    grad_max_iter: int = 80,
     jacobian_penalty: bool = False,
-    l_max: int = 2,
-    parity: bool = True,
-    irreps_node_features: Optional[str] = None,
-    num_heads: int = 4,
-    attention_type: str = "mlp",
-    nonlinear_messages: bool = True,
-    alpha_channels: int = 0,
-    ffn_multiplier: int = 3,
-    num_output_features: int = 512,
-    radial_basis: str = "gaussian",
-    num_basis: int = 32,
-    polynomial_cutoff_p: float = 6.0,
-    radial_mlp_depth: int = 2,
-    radial_mlp_width: int = 64,
-    readout_mlp_width: Optional[int] = None,
-    avg_num_neighbors: Optional[float] = None,
-    per_type_energy_scales: Optional[Union[float, Sequence[float]]] = None,
-    per_type_energy_shifts: Optional[Union[float, Sequence[float]]] = None,
-    per_type_energy_scales_trainable: bool = False,
-    per_type_energy_shifts_trainable: bool = False,
-    pair_potential: Optional[Dict] = None,
-    do_derivatives: bool = True,
+    **kwargs,
 ):
     """Deep-equilibrium Equiformer: the encoder (embeddings, edge features) runs once, then
     ``num_deq_layers`` weight-tied Equiformer blocks :math:`f(z, x)` are iterated to their fixed
@@ -109,9 +99,10 @@ def DEQEquiformerModel(
     read out from :math:`z^*` as in :func:`EquiformerModel` (output block to scalars, MLP,
     per-type scale/shift). Forces and stress are exact derivatives of that energy through the
     fixed point (implicit function theorem, one adjoint solve; see
-    :mod:`nequip_deq.nn.fixed_point`).
+    :mod:`nequip_deq.nn.fixed_point`), and so is the parameter gradient of a force loss in
+    training (``train_gradient: implicit``; :mod:`nequip_deq.nn.training_gradients`).
 
-    DEQ arguments (the others are those of :func:`EquiformerModel`, without ``num_layers``):
+    DEQ arguments:
 
     Args:
         num_deq_layers (int): Equiformer blocks inside :math:`f` (default 1)
@@ -134,58 +125,33 @@ def DEQEquiformerModel(
         b_max_iter (int): iteration cap of the adjoint solve (60)
         gradient (str): ``implicit`` (exact forces, default) or ``phantom`` (K-step phantom
             gradient: forces are not −dE/dx, MD does not conserve energy; comparison only)
-        train_unroll_steps (int): differentiable refinement iterations in training, which make
-            the parameter gradient of the force loss accurate (``implicit``), or the K of the
-            phantom gradient (default 3)
+        train_gradient (str): how training differentiates the forces w.r.t. the parameters:
+            ``implicit`` (default: one backward fixed-point solve, exact to ``grad_tol``,
+            memory independent of the iterations) or ``unroll`` (``train_unroll_steps``
+            differentiable refinement iterations; error ~ contraction^K, memory ~ K)
+        train_unroll_steps (int): K of ``train_gradient: unroll`` and of the phantom
+            gradient (default 3)
+        grad_tol (float): relative residual tolerance of the implicit gradient's backward
+            solve (default 1e-5; floored at 2e-6 in float32)
+        grad_max_iter (int): iteration cap of that solve (default 80)
         jacobian_penalty (bool): output ``deq_jacobian_penalty`` in training, for the
             Jacobian-regularisation loss of :class:`nequip_deq.train.DEQLightningModule`
     """
     check_deq_args(
         num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
-        gradient, train_unroll_steps, branch_scale, norm_eps,
+        gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
+        norm_eps,
     )
-    irreps = parse_irreps(
-        "irreps_node_features",
-        irreps_node_features if irreps_node_features is not None else default_node_irreps(parity),
-    )
-    check_equiformer_args(
-        1, l_max, parity, irreps, num_heads, attention_type, radial_basis, avg_num_neighbors
-    )
-    if num_output_features < 1:
-        raise InvalidModelConfig(f"`num_output_features={num_output_features}` must be >= 1.")
-
-    modules = equiformer_encoder(
-        r_max, type_names, irreps, l_max, parity, radial_basis, num_basis,
-        polynomial_cutoff_p, radial_mlp_depth, radial_mlp_width, avg_num_neighbors,
-        extra_inputs={DEQ_STATE_KEY: irreps, DEQ_ADJOINT_STATE_KEY: irreps},
+    arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs)
+    modules = arch.encoder(
+        extra_inputs={DEQ_STATE_KEY: arch.irreps, DEQ_ADJOINT_STATE_KEY: arch.irreps}
     )
     encoded = modules["edge_degree_embed"].irreps_out
-    block_kwargs = dict(
-        num_heads=num_heads,
-        attention_type=attention_type,
-        nonlinear_messages=nonlinear_messages,
-        alpha_channels=alpha_channels,
-        radial_mlp_depth=radial_mlp_depth,
-        radial_mlp_width=radial_mlp_width,
-        ffn_multiplier=ffn_multiplier,
-    )
-    output_block = EquiformerBlock(
-        irreps_out=f"{num_output_features}x0e", output_norm=True, irreps_in=encoded, **block_kwargs
-    )
-    readout = [output_block] + list(
-        energy_readout(
-            type_names,
-            output_block.irreps_out,
-            readout_mlp_width or num_output_features,
-            per_type_energy_scales,
-            per_type_energy_shifts,
-            per_type_energy_scales_trainable,
-            per_type_energy_shifts_trainable,
-        ).values()
-    )
+    output_block = arch.output_block(encoded)
+    readout = [output_block] + list(arch.energy_readout(output_block.irreps_out).values())
     modules["deq"] = DEQEquiformerLayer(
         num_deq_layers=num_deq_layers,
-        block_kwargs=dict(block_kwargs, branch_scale=branch_scale, norm_eps=norm_eps),
+        block_kwargs=dict(arch.block_kwargs(), branch_scale=branch_scale, norm_eps=norm_eps),
         readout=readout,
         injection=injection,
         damping=damping,
@@ -195,12 +161,12 @@ def DEQEquiformerModel(
         b_tol=b_tol,
         b_max_iter=b_max_iter,
         gradient=gradient,
+        train_gradient=train_gradient,
         train_unroll_steps=train_unroll_steps,
+        grad_tol=grad_tol,
+        grad_max_iter=grad_max_iter,
         jacobian_penalty=jacobian_penalty,
         irreps_in=encoded,
     )
-    set_state_width(irreps.dim)
-    energy_model = _append_energy_modules(
-        SequentialGraphNetwork(modules), type_names=type_names, pair_potential=pair_potential
-    )
-    return ForceStressOutput(energy_model, do_derivatives)
+    set_state_width(arch.irreps.dim)
+    return arch.energy_model(modules)

@@ -174,8 +174,13 @@ class EquivariantGraphAttention(torch.nn.Module):
         alpha_channels: logit channels per head (MLP attention); ``0``: ``0e`` scalars per head
         radial_mlp_depth, radial_mlp_width: hidden layers of the radial MLP :math:`R`
 
-    Shapes: ``x (N, X)``, ``sh (E, irreps_sh)``, ``edge_embedding (E, K)``,
-    ``edge_cutoff (E, 1)``, ``edge_center``, ``edge_neighbor (E,)`` -> ``(N, X)``.
+    The radial weights :math:`R(\\phi_{ij})` depend on the geometry only: they are computed
+    by :meth:`radial_weights` and passed to :meth:`forward`, so that a caller applying the
+    same attention to many features on one geometry (a DEQ solve) computes them once.
+
+    Shapes: ``x (N, X)``, ``sh (E, irreps_sh)``, ``radial_weights (E, W)`` (from
+    ``edge_embedding (E, K)``), ``edge_cutoff (E, 1)``, ``edge_center``, ``edge_neighbor (E,)``
+    -> ``(N, X)``.
     """
 
     def __init__(
@@ -217,11 +222,16 @@ class EquivariantGraphAttention(torch.nn.Module):
         self.register_buffer("head_of_component", _head_layout(X, num_heads)[0])
         self.lin_out = Linear(X, X, biases=True)
 
+    def radial_weights(self, edge_embedding: torch.Tensor) -> torch.Tensor:
+        """:math:`R(\\phi_{ij})`, the per-edge weights of the depth-wise tensor product:
+        ``(E, K) -> (E, W)``."""
+        return self.radial(edge_embedding)
+
     def forward(
         self,
         x: torch.Tensor,
         sh: torch.Tensor,
-        edge_embedding: torch.Tensor,
+        radial_weights: torch.Tensor,
         edge_cutoff: torch.Tensor,
         edge_center: torch.Tensor,
         edge_neighbor: torch.Tensor,
@@ -230,7 +240,7 @@ class EquivariantGraphAttention(torch.nn.Module):
         m = torch.index_select(self.lin_src(x), 0, edge_neighbor) + torch.index_select(
             self.lin_dst(x), 0, edge_center
         )
-        f = self.dtp(m, sh, self.radial(edge_embedding))
+        f = self.dtp(m, sh, radial_weights)
 
         alpha = envelope_softmax(
             self.logits(x, f, edge_center), edge_cutoff, edge_center, num_nodes

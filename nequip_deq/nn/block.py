@@ -39,6 +39,10 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
     (``ghost_exchange``: a no-op until nequip's ``enable_LAMMPSMLIAPGhostExchange`` modifier
     swaps in LAMMPS' exchange), so that every message a local atom receives is right.
 
+    The attention's radial weights depend on the geometry only (:meth:`edge_weights`);
+    :meth:`update` takes them precomputed, so a DEQ applying the block many times on one
+    geometry computes them once per call; :meth:`forward` computes them and updates.
+
     Args:
         irreps_out: output feature irreps (default: same as input)
         num_heads, attention_type, nonlinear_messages, alpha_channels, radial_mlp_depth,
@@ -103,14 +107,22 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         else:
             self.branch_scales = torch.nn.Parameter(torch.full((2,), float(branch_scale)))
 
+    def edge_weights(self, data: AtomicDataDict.Type) -> torch.Tensor:
+        """The attention's radial weights ``(E, W)`` from ``edge_embedding``."""
+        return self.attn.radial_weights(data[AtomicDataDict.EDGE_EMBEDDING_KEY])
+
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        return self.update(data, self.edge_weights(data))
+
+    def update(self, data: AtomicDataDict.Type, edge_weights: torch.Tensor) -> AtomicDataDict.Type:
+        """The block on ``node_features`` with the radial weights of :meth:`edge_weights`."""
         data = self.ghost_exchange(data, ghost_included=True)
         x = data[AtomicDataDict.NODE_FEATURES_KEY]
         edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
         y = x + self.branch_scales[0] * self.attn(
             self.norm_attn(x),
             data[AtomicDataDict.EDGE_ATTRS_KEY],
-            data[AtomicDataDict.EDGE_EMBEDDING_KEY],
+            edge_weights,
             data[AtomicDataDict.EDGE_CUTOFF_KEY],
             edge_index[0],
             edge_index[1],

@@ -1,6 +1,8 @@
 """nequip's Lightning modules plus what DEQ training needs: solver statistics logged as
 metrics and an optional Jacobian-regularisation loss term."""
 
+import warnings
+
 import torch
 
 from nequip.data import AtomicDataDict
@@ -8,6 +10,7 @@ from nequip.train import EMALightningModule, NequIPLightningModule
 
 from .._keys import SOLVER_STATISTICS
 from ..nn.fixed_point import DEQEquiformerLayer
+from .fixed_point_store import FixedPointStore
 
 
 class _DEQTraining:
@@ -16,19 +19,27 @@ class _DEQTraining:
     - Logs the mean of ``deq_iterations``, ``deq_residual``, ``deq_adjoint_iterations`` and
       ``deq_adjoint_residual`` over each batch, for training (``train_deq/...``) and validation
       (``val_deq/...``), and the largest residuals (``.../max_deq_residual`` ...), so a solve
-      that drifts towards non-convergence during training is visible in the logs.
+      that drifts towards non-convergence during training is visible in the logs; in training
+      also the implicit gradient's backward solve (``train_deq/deq_backward_iterations``,
+      ``train_deq/deq_backward_residual``, ``train_deq/max_deq_backward_residual``).
     - ``jacobian_penalty_weight`` :math:`\\lambda > 0` adds
       :math:`\\lambda\\,\\|\\partial f/\\partial z\\|_F^2/\\dim z` (Hutchinson estimate at
       :math:`z^*`) to the training loss, which keeps :math:`f` contractive (the model must be
       built with ``jacobian_penalty: true``).
+    - ``warm_start_training``: start every training frame's solves from its fixed point of
+      the previous epoch (:mod:`~nequip_deq.train.fixed_point_store`; needs the
+      ``frame_index`` field that :class:`~nequip_deq.data.MD17DataModule` provides).
+      Validation and test always start cold.
     """
 
-    def _init_deq(self, jacobian_penalty_weight: float) -> None:
+    def _init_deq(self, jacobian_penalty_weight: float, warm_start_training: bool) -> None:
         if jacobian_penalty_weight < 0:
             raise ValueError(
                 f"`jacobian_penalty_weight={jacobian_penalty_weight}` must be >= 0 (e.g. 1.0)."
             )
         self.jacobian_penalty_weight = float(jacobian_penalty_weight)
+        self.fixed_point_store = FixedPointStore() if warm_start_training else None
+        self._warned_no_frame_index = False
         self._deq_output = None
 
     def forward(self, inputs: AtomicDataDict.Type):
@@ -48,8 +59,18 @@ class _DEQTraining:
             self.log_dict(stats, batch_size=int(AtomicDataDict.num_frames(output)))
 
     def training_step(self, batch, batch_idx, dataloader_idx=0):
+        store = self.fixed_point_store
+        if store is not None and not store.warm_start(batch) and not self._warned_no_frame_index:
+            self._warned_no_frame_index = True
+            warnings.warn(
+                "`warm_start_training: true` but the training batches have no `frame_index` "
+                "field, so every training solve starts cold. nequip_deq.data.MD17DataModule "
+                "adds it; with another data module, add a per-frame integer `frame_index`."
+            )
         loss = super().training_step(batch, batch_idx, dataloader_idx)
         output = self._deq_output
+        if store is not None:
+            store.remember(batch, output)
         self._log_deq("train", output)
         if self.jacobian_penalty_weight > 0:
             penalties = [
@@ -71,6 +92,23 @@ class _DEQTraining:
         self._deq_output = None
         return loss
 
+    def on_after_backward(self) -> None:
+        super().on_after_backward()
+        for m in self.model.modules():
+            if isinstance(m, DEQEquiformerLayer) and m.last_backward_statistics is not None:
+                stats = m.last_backward_statistics
+                m.last_backward_statistics = None
+                iters = stats["iterations"].detach().to(torch.float64)
+                res = stats["residual"].detach().to(torch.float64)
+                self.log_dict(
+                    {
+                        "train_deq/deq_backward_iterations": iters.mean(),
+                        "train_deq/deq_backward_residual": res.mean(),
+                        "train_deq/max_deq_backward_residual": res.max(),
+                    },
+                    batch_size=int(iters.numel()),
+                )
+
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         result = super().validation_step(batch, batch_idx, dataloader_idx)
         self._log_deq("val", self._deq_output)
@@ -84,18 +122,32 @@ class DEQLightningModule(_DEQTraining, NequIPLightningModule):
 
     Args:
         jacobian_penalty_weight (float): weight of the Jacobian penalty (default 0: off)
+        warm_start_training (bool): start each training frame's solves from its previous
+            fixed point (default ``False``)
         **kwargs: those of :class:`~nequip.train.NequIPLightningModule`
     """
 
-    def __init__(self, *args, jacobian_penalty_weight: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        jacobian_penalty_weight: float = 0.0,
+        warm_start_training: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self._init_deq(jacobian_penalty_weight)
+        self._init_deq(jacobian_penalty_weight, warm_start_training)
 
 
 class DEQEMALightningModule(_DEQTraining, EMALightningModule):
     """:class:`~nequip.train.EMALightningModule` (exponential moving average of the weights)
     with DEQ solver statistics and Jacobian regularisation (see :class:`_DEQTraining`)."""
 
-    def __init__(self, *args, jacobian_penalty_weight: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        jacobian_penalty_weight: float = 0.0,
+        warm_start_training: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self._init_deq(jacobian_penalty_weight)
+        self._init_deq(jacobian_penalty_weight, warm_start_training)

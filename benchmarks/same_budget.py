@@ -1,0 +1,181 @@
+"""Accuracy at equal training budget: the shipped quickstart configs, trained one after the
+other on this machine for the same wall-clock time on the standard rMD17 protocol (950 train /
+50 validation frames of ``rmd17_<molecule>_train_01.npz``, tested on the 1000 frames of
+``rmd17_<molecule>_test_01.npz``).
+
+Models (``--models``, in this order by default):
+
+- ``equiformer``: ``configs/quickstart.yaml`` (EquiformerModel, 3 blocks);
+- ``deq``: ``configs/deq_quickstart.yaml`` (DEQEquiformerModel, its shipped settings);
+- ``nequip_s``: nequip's NequIP, ``PresetNequIPGNNModel`` preset S, with the quickstart
+  config's training settings (loss, optimiser, batch size, schedule);
+- ``deq_unroll0`` / ``deq_unroll1`` / ``deq_unroll3``: the DEQ with
+  ``train_gradient: unroll`` and K = 0 (inexact), 1, 3 instead of the implicit gradient;
+- ``deq_cold``: the DEQ without warm-started training.
+
+Every run prints a line per epoch; at the end the script prints a table of test energy and
+force MAE, epochs and seconds per epoch, and writes validation force MAE against training time
+(one line per model) as a PNG.
+
+    python benchmarks/same_budget.py --data-dir ../shared/data/rmd17 --molecule ethanol \\
+        --minutes 10 [--models equiformer deq nequip_s] [--out outputs/same_budget]
+"""
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEQ_VARIANTS = {
+    "deq_unroll0": {"train_gradient": "unroll", "train_unroll_steps": 0},
+    "deq_unroll1": {"train_gradient": "unroll", "train_unroll_steps": 1},
+    "deq_unroll3": {"train_gradient": "unroll", "train_unroll_steps": 3},
+}
+LABELS = {
+    "equiformer": "EquiformerModel, configs/quickstart.yaml",
+    "deq": "DEQEquiformerModel, configs/deq_quickstart.yaml",
+    "nequip_s": "nequip NequIP, preset S",
+    "deq_unroll0": "DEQ, train_gradient unroll K=0 (inexact)",
+    "deq_unroll1": "DEQ, train_gradient unroll K=1",
+    "deq_unroll3": "DEQ, train_gradient unroll K=3",
+    "deq_cold": "DEQ, without warm-started training",
+}
+
+
+def config(name: str, args) -> dict:
+    """The shipped config of ``name`` with the data switched to the rMD17 protocol and the
+    wall-clock budget set."""
+    base = "quickstart" if name in ("equiformer", "nequip_s") else "deq_quickstart"
+    cfg = yaml.safe_load(open(REPO / "configs" / f"{base}.yaml"))
+    data_dir = Path(args.data_dir).resolve()
+    cfg["data"].update(
+        train_file=str(data_dir / f"rmd17_{args.molecule}_train_01.npz"),
+        test_file=str(data_dir / f"rmd17_{args.molecule}_test_01.npz"),
+        train=950,
+        val=50,
+    )
+    cfg["data"].pop("test_max_frames", None)
+    cfg["trainer"].update(max_time=f"00:00:{args.minutes:02d}:00", max_epochs=100000)
+    model = cfg["training_module"]["model"]
+    if name == "nequip_s":
+        keep = ("seed", "model_dtype", "type_names", "r_max", "avg_num_neighbors",
+                "per_type_energy_shifts", "per_type_energy_scales")
+        model = {k: model[k] for k in keep}
+        model.update({"_target_": "nequip.model.PresetNequIPGNNModel", "preset": "S"})
+    elif name in DEQ_VARIANTS:
+        model.update(DEQ_VARIANTS[name])
+    elif name == "deq_cold":
+        cfg["training_module"]["warm_start_training"] = False
+    cfg["training_module"]["model"] = model
+    return cfg
+
+
+def train(name: str, args, out: Path) -> Path:
+    """Run nequip-train on the config of ``name``; returns its run directory."""
+    run = out / name
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "config.yaml", "w") as f:
+        yaml.safe_dump(config(name, args), f, sort_keys=False)
+    print(f"== {name}: {LABELS[name]}, {args.minutes} min on {args.molecule}", flush=True)
+    with open(run / "nequip-train.log", "w") as log:
+        proc = subprocess.Popen(
+            ["nequip-train", "-cp", str(run), "-cn", "config", f"hydra.run.dir={run / 'train'}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run,
+        )
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith("epoch "):
+                print("   " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            sys.exit(f"nequip-train failed for {name}: see {run / 'nequip-train.log'}")
+    return run / "train"
+
+
+def summarise(name: str, run: Path) -> dict:
+    """Epochs, seconds per epoch, parameters, the learning curve and test MAEs of a run."""
+    rows = list(csv.DictReader(open(run / "metrics" / "version_0" / "metrics.csv")))
+    curve = [
+        (float(r["time/elapsed_s"]), 1000 * float(r["val0_epoch/forces_mae"]))
+        for r in rows
+        if r.get("time/elapsed_s") and r.get("val0_epoch/forces_mae")
+    ]
+    test = [r for r in rows if r.get("test0_epoch/forces_mae")][-1]
+    from nequip.model.saved_models.checkpoint import ModelFromCheckpoint
+
+    model = ModelFromCheckpoint(str(run / "best.ckpt"))
+    return {
+        "name": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "epochs": len(curve),
+        "s_per_epoch": curve[-1][0] / len(curve),
+        "curve": curve,
+        "test_forces": 1000 * float(test["test0_epoch/forces_mae"]),
+        "test_energy": 1000 * float(test["test0_epoch/total_energy_mae"]),
+    }
+
+
+def table(results, args) -> str:
+    lines = [
+        f"rMD17 {args.molecule}, 950 train / 50 val frames (split 01), test on the 1000 frames "
+        f"of `rmd17_{args.molecule}_test_01.npz`, {args.minutes} minutes of training each, "
+        "2 CPU threads, one model after the other "
+        f"(`python benchmarks/same_budget.py --molecule {args.molecule} --minutes {args.minutes}`)",
+        "",
+        "| model | params | epochs | s / epoch | test force MAE (meV/Å) | test energy MAE (meV) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {LABELS[r['name']]} | {r['params'] / 1000:.0f} k | {r['epochs']} | "
+            f"{r['s_per_epoch']:.1f} | {r['test_forces']:.1f} | {r['test_energy']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        t, f = zip(*r["curve"])
+        ax.plot([s / 60 for s in t], f, marker=".", label=f"{LABELS[r['name']]}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training time (min, 2 CPU threads)")
+    ax.set_ylabel("validation force MAE (meV/Å)")
+    ax.set_title(f"rMD17 {args.molecule}: accuracy against training time")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="directory with the rMD17 npz files")
+    parser.add_argument("--molecule", default="ethanol")
+    parser.add_argument("--minutes", type=int, default=10, help="training budget per model")
+    parser.add_argument("--models", nargs="+", default=["equiformer", "deq", "nequip_s"],
+                        choices=list(LABELS))
+    parser.add_argument("--out", default="outputs/same_budget", help="run directories")
+    parser.add_argument("--png", default=None, help="learning curves (default: in --out)")
+    args = parser.parse_args()
+    out = Path(args.out).resolve() / f"{args.molecule}_{args.minutes}min"
+    start = time.time()
+    results = [summarise(name, train(name, args, out)) for name in args.models]
+    print()
+    print(table(results, args))
+    png = Path(args.png or out / f"learning_curves_{args.molecule}_{args.minutes}min.png")
+    plot(results, args, png)
+    print(f"\nlearning curves: {png}; all runs: {out}; {(time.time() - start) / 60:.0f} min")
+
+
+if __name__ == "__main__":
+    main()

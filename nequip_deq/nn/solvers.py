@@ -1,0 +1,305 @@
+"""Fixed-point solvers of the DEQ layer, per frame.
+
+Every solve here is the damped iteration
+
+.. math::
+    s \\leftarrow s + \\beta\\,(T(s) - s)
+
+of a map :math:`T` (the DEQ function :math:`f(\\cdot, x)` for the forward solve,
+:math:`v \\mapsto \\partial R/\\partial z + J^\\top v` for the adjoint, see
+:mod:`~nequip_deq.nn.fixed_point`), where every frame of a batch stops updating once its own
+relative residual :math:`\\|T(s) - s\\|_F / \\|T(s)\\|_F` is below the tolerance. A frame
+therefore gives the same result alone or in a batch.
+
+The loop exists in three forms, one per way the model runs:
+
+- a Python loop (eager and TorchScript): :meth:`FixedPointSolvers._iterate`,
+  :meth:`FixedPointSolvers._adjoint`;
+- ``torch.while_loop`` when nequip-compile traces the model for AOTInductor, so that compiled
+  models also stop at the tolerance and profit from a warm start:
+  :meth:`FixedPointSolvers._iterate_traced`, :meth:`FixedPointSolvers._adjoint_traced`;
+- torchdeq's ``anderson`` / ``broyden`` for the training-time forward solve
+  (:meth:`FixedPointSolvers._solve_torchdeq`).
+"""
+
+import warnings
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from nequip.data import AtomicDataDict
+from nequip.nn import scatter
+
+
+class FixedPointError(RuntimeError):
+    """A fixed-point, adjoint or backward solve produced non-finite values."""
+
+
+def frame_residual(
+    new: torch.Tensor, old: torch.Tensor, batch: torch.Tensor, num_frames: int
+) -> torch.Tensor:
+    """Relative change per frame, :math:`\\|new - old\\|_F / (\\|new\\|_F + 10^{-30})`:
+    ``new``, ``old`` ``(N, X)``, ``batch`` ``(N,)`` -> ``(num_frames,)``."""
+    diff = scatter((new - old).square().sum(-1), batch, dim=0, dim_size=num_frames)
+    norm = scatter(new.square().sum(-1), batch, dim=0, dim_size=num_frames)
+    return diff.sqrt() / (norm.sqrt() + 1e-30)
+
+
+def damped_step(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    iters: torch.Tensor,
+    res: torch.Tensor,
+    active: torch.Tensor,
+    batch: torch.Tensor,
+    num_frames: int,
+    tol: float,
+    damping: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One update :math:`s \\leftarrow s + \\beta (t - s)` of the frames still ``active``
+    (``t = T(s)``); returns the new ``(s, iters, res, active)``. A frame stays active while
+    its residual is above ``tol`` (a NaN residual counts as not converged)."""
+    r = frame_residual(t, s, batch, num_frames)
+    s = torch.where(active[batch].unsqueeze(-1), s + damping * (t - s), s)
+    res = torch.where(active, r, res)
+    iters = iters + active.long()
+    active = active & ~(r <= tol)
+    return s, iters, res, active
+
+
+def solver_start(
+    num_frames: int, like: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iteration counts (zeros), residuals (inf) and active flags (all) per frame."""
+    iters = torch.zeros(num_frames, dtype=torch.long, device=like.device)
+    res = torch.full((num_frames,), float("inf"), dtype=like.dtype, device=like.device)
+    active = torch.ones(num_frames, dtype=torch.bool, device=like.device)
+    return iters, res, active
+
+
+@torch.jit.unused
+def check_solution(
+    what: str, s: torch.Tensor, iters: torch.Tensor, res: torch.Tensor, tol: float
+) -> None:
+    """Raise on non-finite solutions, warn when a frame ended above the tolerance."""
+    if not bool(torch.isfinite(s).all()):
+        raise FixedPointError(
+            f"DEQ {what} produced non-finite values after {iters.tolist()} iterations (last "
+            f"relative residuals {res.tolist()}). Lower `damping`, the learning rate or "
+            "`branch_scale`, or add `jacobian_penalty`."
+        )
+    if not bool((res <= tol).all()):
+        warnings.warn(
+            f"DEQ {what} did not reach the tolerance {tol:g}: relative residuals "
+            f"{res.tolist()} after {iters.tolist()} iterations; results carry that error "
+            "(raise the iteration cap, lower `damping`, or loosen the tolerance)."
+        )
+
+
+class FixedPointSolvers:
+    """The forward and adjoint solves of :class:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer`
+    (a mixin: it uses the layer's ``f``, ``energy``, ``damping``, ``f_max_iter`` and
+    ``b_max_iter``).
+
+    Shapes: states ``(N, X)``, ``batch`` ``(N,)``; every solver returns the solution, the
+    iterations ``(num_frames,)`` and the last relative residual ``(num_frames,)`` per frame.
+    ``weights`` are the blocks' precomputed radial weights
+    (:meth:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer.edge_weights`).
+    """
+
+    # ---- Python loops (eager and TorchScript) ----------------------------------------
+
+    def _iterate(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward solve :math:`z = f(z, x)` from ``z``."""
+        iters, res, active = solver_start(num_frames, z)
+        with torch.no_grad():
+            for _ in range(self.f_max_iter):
+                fz = self.f(z, data, x_hat, weights)
+                z, iters, res, active = damped_step(
+                    z, fz, iters, res, active, batch, num_frames, tol, self.damping
+                )
+                if not bool(active.any()):
+                    break
+        return z, iters, res
+
+    def _adjoint(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z_star: torch.Tensor,
+        v: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adjoint solve :math:`v = g + J^\\top v` from ``v``, with
+        :math:`g = \\partial R/\\partial z` and :math:`J = \\partial f/\\partial z` at
+        :math:`z^*` (vector-Jacobian products by autograd on one recorded :math:`f(z^*)`).
+        Needs grad mode (the caller enables it)."""
+        z = z_star.detach().requires_grad_(True)
+        e = self.energy(z, data).sum()
+        g_opt = torch.autograd.grad([e], [z])[0]
+        assert g_opt is not None
+        g = g_opt.detach()
+        fz = self.f(z, data, x_hat, weights)
+        iters, res, active = solver_start(num_frames, z)
+        for _ in range(self.b_max_iter):
+            grad_out: List[Optional[torch.Tensor]] = [v]
+            jtv = torch.autograd.grad([fz], [z], grad_out, retain_graph=True)[0]
+            assert jtv is not None
+            v, iters, res, active = damped_step(
+                v, g + jtv.detach(), iters, res, active, batch, num_frames, tol, self.damping
+            )
+            if not bool(active.any()):
+                break
+        return v.detach(), iters, res
+
+    @torch.jit.unused
+    def _adjoint_eager(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z_star: torch.Tensor,
+        v: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_adjoint` in grad mode (eager callers may run under ``no_grad``), checked."""
+        with torch.enable_grad():
+            v, iters, res = self._adjoint(data, x_hat, weights, z_star, v, batch, num_frames, tol)
+        check_solution("adjoint solve", v, iters, res, tol)
+        return v, iters, res
+
+    # ---- torch.while_loop (traced for AOTInductor) ------------------------------------
+
+    @torch.jit.unused
+    def _loop_data(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        """The fields the blocks read, with ``edge_index`` re-made from clones of its rows:
+        a ``torch.while_loop`` body must not capture the graph input itself."""
+        d = {k: data[k] for k in (AtomicDataDict.EDGE_ATTRS_KEY, AtomicDataDict.EDGE_CUTOFF_KEY)}
+        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+        d[AtomicDataDict.EDGE_INDEX_KEY] = torch.stack(
+            [edge_index[0].clone(), edge_index[1].clone()]
+        )
+        return d
+
+    @torch.jit.unused
+    def _iterate_traced(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z0: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self._loop_data(data)
+        return self._while(
+            lambda z: self.f(z, d, x_hat, weights), z0, self.f_max_iter, batch, num_frames, tol
+        )
+
+    @torch.jit.unused
+    def _adjoint_traced(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z_star: torch.Tensor,
+        v0: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_star = z_star.detach()
+        with torch.enable_grad():
+            z = z_star.requires_grad_(True)
+            g = torch.autograd.grad(self.energy(z, data).sum(), z)[0]
+        d = self._loop_data(data)
+        g = g.detach()
+        z_star = z_star.detach().clone()
+
+        def adjoint_map(v):
+            _, vjp = torch.func.vjp(lambda zz: self.f(zz, d, x_hat, weights), z_star)
+            return g + vjp(v)[0]
+
+        return self._while(adjoint_map, v0, self.b_max_iter, batch, num_frames, tol)
+
+    @torch.jit.unused
+    def _while(self, fixed_map: Callable, s0, max_iter: int, batch, num_frames: int, tol: float):
+        """:func:`damped_step` on ``s <- fixed_map(s)`` as a ``torch.while_loop`` (exportable:
+        it stops at the tolerance inside the compiled model)."""
+        batch = batch.clone()
+        damping = self.damping
+
+        def cond(it, s, iters, res, active):
+            return (it < max_iter) & active.any()
+
+        def body(it, s, iters, res, active):
+            s, iters, res, active = damped_step(
+                s, fixed_map(s), iters, res, active, batch, num_frames, tol, damping
+            )
+            return it + 1, s, iters, res, active
+
+        iters, res, active = solver_start(num_frames, s0)
+        start = (torch.zeros((), dtype=torch.long, device=s0.device), s0, iters, res, active)
+        with torch.no_grad():
+            _, s, iters, res, _ = torch.while_loop(cond, body, start)
+        return s, iters, res
+
+    # ---- torchdeq (training-time forward solve) ----------------------------------------
+
+    @torch.jit.unused
+    def _solve_torchdeq(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z0: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """torchdeq's ``anderson`` / ``broyden`` on frames packed as
+        ``(num_frames, max_atoms*X)`` (zero padding), so that its per-sample mixing and
+        residuals are per frame."""
+        from torchdeq.solver import get_solver
+
+        counts = torch.bincount(batch, minlength=num_frames)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(batch.numel(), device=batch.device) - first[batch]
+        width = z0.shape[-1]
+        max_atoms = int(counts.max())
+
+        def pack(z):
+            out = z.new_zeros(num_frames, max_atoms, width)
+            out[batch, slot] = z
+            return out.reshape(num_frames, -1)
+
+        def unpack(p):
+            return p.reshape(num_frames, max_atoms, width)[batch, slot]
+
+        kwargs = {"tau": self.damping} if self.solver == "anderson" else {}
+        with torch.no_grad():
+            packed, _, info = get_solver(self.solver)(
+                lambda p: pack(self.f(unpack(p), data, x_hat, weights)),
+                pack(z0),
+                max_iter=self.f_max_iter,
+                tol=tol,
+                stop_mode="rel",
+                **kwargs,
+            )
+        iters = info["nstep"].reshape(-1).to(torch.long)
+        return unpack(packed), iters, info["rel_lowest"].reshape(-1).to(z0.dtype)

@@ -1,0 +1,209 @@
+"""Training-only gradients of the DEQ layer: the parameter gradient of a force loss.
+
+Forces come from the Lagrangian (:mod:`~nequip_deq.nn.fixed_point`)
+
+.. math::
+    \\mathcal{L}(w, p, \\theta) = R(z) + \\langle v, f(z) - z \\rangle ,\\qquad w = (z, v),
+
+at :math:`w^* = (z^*, v^*)`, as :math:`F = -\\partial_p \\mathcal{L}` with :math:`w` held fixed
+(:math:`p`: positions and cell; :math:`\\theta`: parameters). Training differentiates
+:math:`F` again, and :math:`w^*` moves with :math:`\\theta`:
+
+.. math::
+    \\frac{dF}{d\\theta} = -\\partial_\\theta\\partial_p\\mathcal{L}
+        - \\partial_w\\partial_p\\mathcal{L}\\;\\frac{dw^*}{d\\theta}.
+
+:math:`w^*` is the fixed point of
+
+.. math::
+    \\Phi(z, v) = \\big(f(z),\\ \\partial_z R(z) + J(z)^\\top v\\big) = w + \\partial_{(v, z)}\\mathcal{L},
+
+so by the implicit function theorem
+:math:`dw^*/d\\theta = (I - \\partial_w\\Phi)^{-1}\\partial_\\theta\\Phi`. A loss cotangent
+:math:`a` arriving at :math:`w` therefore contributes :math:`u^\\top\\partial_\\theta\\Phi`,
+where :math:`u` solves the *backward fixed point*
+
+.. math::
+    u = a + (\\partial_w \\Phi)^\\top u,\\qquad
+    (\\partial_w \\Phi)^\\top \\begin{pmatrix}\\alpha\\\\ \\beta\\end{pmatrix} =
+    \\begin{pmatrix} J^\\top\\alpha + H\\beta \\\\ J\\beta \\end{pmatrix},\\qquad
+    H = \\partial_z^2 \\mathcal{L} .
+
+Both components converge at the rate of the forward solve (the iteration matrix is
+block-triangular with :math:`J` and :math:`J^\\top` on the diagonal). One vector product with
+:math:`(\\partial_w\\Phi)^\\top` is one backward pass through the graph of a single application
+of :math:`\\Phi` (recorded once per backward solve), whatever the number of iterations, so the
+memory does not grow with them.
+
+:class:`ImplicitTrainingGradient` attaches :math:`w^*` to the graph as a function of the
+parameters. One trap: the forces must stay the partial derivative :math:`-\\partial_p\\mathcal{L}`
+at fixed :math:`w`. The attachment depends on the encoder output :math:`\\hat x` (for the
+encoder's parameters), which depends on the positions; the force pass (``create_graph=True``)
+would then add :math:`\\partial_w\\mathcal{L}\\, dw^*/dp`, which vanishes at the fixed point, but
+whose :math:`\\theta`-derivative does not. So in a pass that records a graph (the force pass)
+the attachment passes no gradient (the exact value, :math:`\\partial_w\\mathcal{L} = 0`), and in
+the parameter-gradient pass it returns the implicit gradient; :math:`\\Phi` is rebuilt there
+on detached geometry, so it carries the parameter dependence only.
+
+``unroll`` (the alternative, ``train_gradient: unroll``) differentiates ``K`` refinement steps
+of both fixed points instead: its error decays like (contraction factor)^K, its memory grows
+with K.
+"""
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from nequip.data import AtomicDataDict
+
+from .solvers import check_solution, damped_step, solver_start
+
+
+class ImplicitTrainingGradient(torch.autograd.Function):
+    """Identity on :math:`(z^*, v^*)` whose backward is the implicit gradient (module
+    docstring). Inputs: ``solve`` (a closure mapping the cotangents of :math:`z, v` to the
+    gradients of ``inputs``), :math:`z^*`, :math:`v^*` (detached) and the tensors the
+    gradient flows to (:math:`\\hat x` and the layer's parameters)."""
+
+    @staticmethod
+    def forward(ctx, solve: Callable, z: torch.Tensor, v: torch.Tensor, *inputs: torch.Tensor):
+        ctx.solve = solve
+        ctx.num_inputs = len(inputs)
+        return z.clone(), v.clone()
+
+    @staticmethod
+    def backward(ctx, grad_z: Optional[torch.Tensor], grad_v: Optional[torch.Tensor]):
+        none = (None, None, None)
+        if torch.is_grad_enabled():
+            # the force pass (create_graph=True): dL/dw = 0 at the fixed point; passing it
+            # on would only plant a wrong second-order term (module docstring)
+            return none + (None,) * ctx.num_inputs
+        return none + tuple(ctx.solve(grad_z, grad_v))
+
+
+def attach_implicit_gradient(
+    layer,
+    data: AtomicDataDict.Type,
+    x_hat: torch.Tensor,
+    z_star: torch.Tensor,
+    v_star: torch.Tensor,
+    batch: torch.Tensor,
+    num_frames: int,
+    tol: float,
+    max_iter: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:math:`(z^*, v^*)` as functions of the parameters and :math:`\\hat x` (through
+    :class:`ImplicitTrainingGradient`). ``layer`` is the DEQ layer (``f``, ``energy``,
+    ``edge_weights``, ``damping``); it receives the backward solve's statistics in
+    ``last_backward_statistics`` (iterations and residual per frame)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    geometry = {k: v.detach() for k, v in data.items()}
+    x_fixed = x_hat.detach()
+    z_fixed, v_fixed = z_star.detach(), v_star.detach()
+
+    def solve(grad_z: Optional[torch.Tensor], grad_v: Optional[torch.Tensor]):
+        a = torch.cat(
+            [
+                grad_z if grad_z is not None else torch.zeros_like(z_fixed),
+                grad_v if grad_v is not None else torch.zeros_like(v_fixed),
+            ],
+            dim=-1,
+        )
+        grads, iters, res = backward_solve(
+            layer, geometry, x_fixed, params, z_fixed, v_fixed, a, batch, num_frames, tol,
+            max_iter,
+        )
+        layer.last_backward_statistics = {"iterations": iters, "residual": res}
+        return grads
+
+    return ImplicitTrainingGradient.apply(solve, z_fixed, v_fixed, x_hat, *params)
+
+
+def backward_solve(
+    layer,
+    data: AtomicDataDict.Type,
+    x_hat: torch.Tensor,
+    params: List[torch.Tensor],
+    z_star: torch.Tensor,
+    v_star: torch.Tensor,
+    a: torch.Tensor,
+    batch: torch.Tensor,
+    num_frames: int,
+    tol: float,
+    max_iter: int,
+) -> Tuple[List[Optional[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Solve :math:`u = a + (\\partial_w\\Phi)^\\top u` per frame (``a``, ``u``: ``(N, 2X)``,
+    the cotangents of :math:`(z, v)` side by side) and return
+    :math:`u^\\top \\partial\\Phi/\\partial(\\hat x, \\theta)` for ``[x_hat] + params``, with
+    the iterations and last relative residual per frame."""
+    width = z_star.shape[-1]
+    with torch.enable_grad():
+        z = z_star.clone().requires_grad_(True)
+        v = v_star.clone().requires_grad_(True)
+        x = x_hat.clone().requires_grad_(True)
+        weights = layer.edge_weights(data)
+        fz = layer.f(z, data, x, weights)
+        e = layer.energy(z, data).sum()
+        # the adjoint map dR/dz + J^T v, recorded so that it can be differentiated again
+        phi_v = torch.autograd.grad([e, fz], [z], [None, v], create_graph=True)[0]
+    u = torch.zeros_like(a)
+    iters, res, active = solver_start(num_frames, a)
+    for _ in range(max_iter):
+        gz, gv = torch.autograd.grad(
+            [fz, phi_v], [z, v], [u[:, :width], u[:, width:]], retain_graph=True,
+            allow_unused=True,
+        )
+        t = a + torch.cat([gz, gv if gv is not None else torch.zeros_like(gz)], dim=-1)
+        u, iters, res, active = damped_step(
+            u, t, iters, res, active, batch, num_frames, tol, layer.damping
+        )
+        if not bool(active.any()):
+            break
+    check_solution("implicit-gradient backward solve", u, iters, res, tol)
+    grads = torch.autograd.grad(
+        [fz, phi_v], [x] + params, [u[:, :width], u[:, width:]], allow_unused=True
+    )
+    return list(grads), iters, res
+
+
+def unroll(
+    layer,
+    z: torch.Tensor,
+    v: torch.Tensor,
+    data: AtomicDataDict.Type,
+    x_hat: torch.Tensor,
+    weights: List[torch.Tensor],
+    steps: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` differentiable iterations of both fixed points from :math:`(z^*, v^*)`:
+    their derivatives w.r.t. parameters and positions approximate those of the exact fixed
+    points (error ~ contraction factor^steps)."""
+    for _ in range(steps):
+        z = layer.f(z, data, x_hat, weights)
+    for _ in range(steps):
+        fz = layer.f(z, data, x_hat, weights)
+        e = layer.energy(z, data).sum()
+        # d/dz (R(z) + <v, f(z)>) = dR/dz + J^T v
+        v = torch.autograd.grad([e, fz], [z], [torch.ones_like(e), v], create_graph=True)[0]
+    return z, v
+
+
+def jacobian_penalty(
+    layer,
+    data: AtomicDataDict.Type,
+    x_hat: torch.Tensor,
+    weights: List[torch.Tensor],
+    z_star: torch.Tensor,
+) -> torch.Tensor:
+    """torchdeq's Hutchinson estimate of :math:`\\|\\partial f/\\partial z\\|_F^2 / \\dim z` at
+    :math:`z^*`, with its graph (for a Jacobian-regularisation loss)."""
+    from torchdeq.loss import jac_reg
+
+    z = z_star.detach().requires_grad_(True)
+    return jac_reg(layer.f(z, data, x_hat, weights), z)
+
+
+def backward_statistics(layer) -> Dict[str, torch.Tensor]:
+    """The last backward solve's iterations and residuals per frame (empty if none ran)."""
+    stats = getattr(layer, "last_backward_statistics", None)
+    return {} if stats is None else stats
