@@ -164,7 +164,7 @@ def main():
     torch.manual_seed(0)
 
     deq, explicit = models(args)
-    data = aspirin_batch(explicit)
+    data = aspirin_batch(explicit.eval())
     layer = next(m for m in deq.modules() if isinstance(m, DEQEquiformerLayer))
     print(
         f"one training step: energy + forces of 5 rMD17 aspirin frames, force loss, backward; "

@@ -1,8 +1,7 @@
 """Fixed-point reuse on a real trajectory: solver iterations and time per energy+forces call
 of DEQEquiformerModel, cold start vs warm start (previous frame's fixed point and adjoint, or
 their linear extrapolation), with the explicit 6-block EquiformerModel of the same width timed
-alongside; and peak memory of one training step (force loss, backward) on a batch of 5 aspirin
-frames for both.
+alongside. (The cost of a training step: ``benchmarks/deq_training_step.py``.)
 
 The trajectory is the bundled MD17 ethanol subset: 300 consecutive frames of an ab-initio
 MD run (0.5 fs apart). Eager float32 models on this machine's CPU threads.
@@ -16,14 +15,12 @@ have them: docs/deq.md records the command used.
 """
 
 import argparse
-import gc
 import time
 import warnings
 
 import numpy as np
 import torch
 
-from nequip.data import AtomicDataDict
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
 from nequip.integrations.ase import NequIPCalculator
 from nequip.utils.global_state import set_global_state
@@ -78,38 +75,6 @@ def time_calls(calc, frames, skip=2):
     return np.mean(iters[skip:]), np.mean(adj[skip:]), 1e3 * np.median(times[skip:])
 
 
-def training_step_cost(model, data):
-    """Peak CPU memory (MiB) allocated by one training step (energy + forces, force loss,
-    backward to parameters), measured by torch's CPU allocator profiler, and the step's wall
-    time (s) measured separately without the profiler."""
-    model.train()
-    start = time.perf_counter()
-    out = model(dict(data))
-    out[AtomicDataDict.FORCE_KEY].square().mean().backward()
-    seconds = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    model.train()
-    gc.collect()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = model(dict(data))
-        loss = out[AtomicDataDict.FORCE_KEY].square().mean()
-        loss.backward()
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    # running total of allocations and frees, in event order
-    events = sorted(
-        (e for e in prof.events() if e.self_cpu_memory_usage != 0),
-        key=lambda e: e.time_range.start,
-    )
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20, seconds
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100)
@@ -152,14 +117,6 @@ def main():
         )
         rows["Equiformer 6 blocks, compiled"] = time_calls(calc, frames)
 
-    calc = NequIPCalculator(explicit, device="cpu", transforms=transforms())
-    aspirin = read_molecule_npz(bundled_data_path("rmd17_aspirin_train_01_first250.npz"), frames=range(5))
-    data = AtomicDataDict.batched_from_list([calc.atoms_to_data(a) for a in aspirin])
-    memory = {"Equiformer 6 blocks": training_step_cost(explicit, data)}
-    layer.f_tol = layer.b_tol = min(args.tol)
-    for steps in (0, 1, 3):
-        layer.train_unroll_steps = steps
-        memory[f"DEQ, train_unroll_steps={steps}"] = training_step_cost(deq, data)
     n_deq = sum(p.numel() for p in deq.parameters())
     n_exp = sum(p.numel() for p in explicit.parameters())
     print(f"MD17 ethanol, {len(frames)} consecutive frames (0.5 fs), float32, "
@@ -178,12 +135,6 @@ def main():
     if "Equiformer 6 blocks, compiled" in rows:
         warm = rows[f"DEQ compiled, warm (extrapolated), tol {trained_tol:g}"][2]
         print(f"compiled: warm DEQ / 6-block time {warm / rows['Equiformer 6 blocks, compiled'][2]:.2f}")
-    print()
-    print("| one training step (force loss), batch of 5 rMD17 aspirin frames, eager | peak MiB | / 6-block | s | / 6-block |")
-    print("|---|---|---|---|---|")
-    mib0, s0 = memory["Equiformer 6 blocks"]
-    for name, (mib, sec) in memory.items():
-        print(f"| {name} | {mib:.0f} | {mib / mib0:.2f} | {sec:.2f} | {sec / s0:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Multi-process training: nequip-train with Lightning's DDP strategy, 2 CPU processes (gloo),
-on the DEQ model. Each rank trains on its half of the data (half the optimizer steps per
-epoch), the run finishes, and the validation loss goes down."""
+on the DEQ model with the implicit training gradient and warm-started training (each rank
+keeps the fixed points of the frames it saw). Each rank trains on its half of the data (half
+the optimizer steps per epoch), the run finishes, and the validation loss goes down."""
 
 import csv
 import pathlib
@@ -21,6 +22,7 @@ DEQ_MODEL = [
     "+training_module.model.per_type_energy_shifts=${training_data_stats:per_atom_energy_mean}",
     "+training_module.model.per_type_energy_scales=${training_data_stats:forces_rms}",
     "training_module._target_=nequip_deq.train.DEQLightningModule",
+    "+training_module.warm_start_training=true",
 ]
 
 

@@ -312,12 +312,12 @@ def test_implicit_training_gradient_matches_finite_differences():
     the encoder, of f and of the readout; the unrolled gradient (K=3) does not."""
     data = graph(rattled("CH3CH2OH", 3))
     model = build("float64", f_tol=1e-11, b_tol=1e-11, f_max_iter=300, b_max_iter=300)
-    assert deq_layer(model).train_implicit and deq_layer(model).grad_tol == 1e-5
+    assert deq_layer(model).train_implicit and deq_layer(model).grad_tol == 1e-6
     errors = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
     assert np.median(errors) <= 1e-4 and max(errors) <= 1e-3, errors
     # the backward solve reports its statistics (logged by nequip_deq.train)
     stats = deq_layer(model).last_backward_statistics
-    assert int(stats["iterations"][0]) > 1 and float(stats["residual"][0]) <= 1e-5
+    assert int(stats["iterations"][0]) > 1 and float(stats["residual"][0]) <= 1e-6
 
     unrolled = build(
         "float64", f_tol=1e-11, b_tol=1e-11, f_max_iter=300, b_max_iter=300,

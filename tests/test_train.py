@@ -57,6 +57,25 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(losses) == 2
     assert losses[-1] < losses[0], losses
     assert (tmp_path / "best.ckpt").is_file()
+    # a line per epoch a user can watch, and wall time as a metric (learning curves vs time)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and "force MAE" in lines[-1] and "meV/Å" in lines[-1], lines
+    rows = list(csv.DictReader(open(next(pathlib.Path(tmp_path).rglob("metrics.csv")))))
+    times = [float(r["time/elapsed_s"]) for r in rows if r.get("time/elapsed_s")]
+    assert len(times) == 2 and 0 < times[0] < times[1], times
+
+
+def test_bad_deq_training_config_fails_before_training(tmp_path):
+    result = nequip_train(
+        tmp_path, *[m for m in MODEL if "num_layers" not in m],
+        "training_module.model._target_=nequip_deq.model.DEQEquiformerModel",
+        "training_module._target_=nequip_deq.train.DEQLightningModule",
+        "+training_module.train_tol=2.0",
+    )
+    assert result.returncode != 0
+    assert "train_tol=2.0" in result.stderr, result.stderr[-2000:]
+    assert "TRAIN RUN START" not in result.stderr + result.stdout
+    assert not (tmp_path / "best.ckpt").exists()
 
 
 def test_bad_model_config_fails_before_training(tmp_path):

@@ -88,7 +88,7 @@ def DEQEquiformerModel(
     gradient: str = "implicit",
     train_gradient: str = "implicit",
     train_unroll_steps: int = 3,
-    grad_tol: float = 1e-5,
+    grad_tol: float = 1e-6,
     grad_max_iter: int = 80,
     jacobian_penalty: bool = False,
     **kwargs,
@@ -132,7 +132,7 @@ def DEQEquiformerModel(
         train_unroll_steps (int): K of ``train_gradient: unroll`` and of the phantom
             gradient (default 3)
         grad_tol (float): relative residual tolerance of the implicit gradient's backward
-            solve (default 1e-5; floored at 2e-6 in float32)
+            solve (default 1e-6; floored at 2e-6 in float32)
         grad_max_iter (int): iteration cap of that solve (default 80)
         jacobian_penalty (bool): output ``deq_jacobian_penalty`` in training, for the
             Jacobian-regularisation loss of :class:`nequip_deq.train.DEQLightningModule`

@@ -167,7 +167,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         gradient: str = "implicit",
         train_gradient: str = "implicit",
         train_unroll_steps: int = 3,
-        grad_tol: float = 1e-5,
+        grad_tol: float = 1e-6,
         grad_max_iter: int = 60,
         jacobian_penalty: bool = False,
         irreps_in=None,

@@ -20,6 +20,12 @@ The loop exists in three forms, one per way the model runs:
   :meth:`FixedPointSolvers._iterate_traced`, :meth:`FixedPointSolvers._adjoint_traced`;
 - torchdeq's ``anderson`` / ``broyden`` for the training-time forward solve
   (:meth:`FixedPointSolvers._solve_torchdeq`).
+
+The adjoint equation and the implicit gradient's backward equation are *linear*,
+:math:`(I - M)\\,u = b`. In training (eager) they are solved by :func:`gmres` per frame, which
+needs about a third of the operator applications of the plain iteration for the same
+residual (7 against 21 at 1e-5 on a trained quickstart model); evaluation and deployed models
+keep the plain iteration, which runs the same in eager, TorchScript and traced models.
 """
 
 import warnings
@@ -94,6 +100,73 @@ def check_solution(
             f"{res.tolist()} after {iters.tolist()} iterations; results carry that error "
             "(raise the iteration cap, lower `damping`, or loosen the tolerance)."
         )
+
+
+@torch.jit.unused
+def gmres(
+    apply_operator: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    x0: torch.Tensor,
+    batch: torch.Tensor,
+    num_frames: int,
+    tol: float,
+    max_iter: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve :math:`A x = b` for every frame (``b``, ``x0``: ``(N, D)``; ``apply_operator``:
+    :math:`x \\mapsto A x`, block-diagonal over frames) by GMRES without restarts: the Krylov
+    basis and the least-squares problem :math:`\\min_y \\|\\beta e_1 - \\bar H y\\|` are kept
+    per frame (inner products are sums over each frame's atoms), so each frame converges as if
+    it were solved alone. Stops when every frame's relative residual
+    :math:`\\|b - A x\\| / \\|x\\|` (the measure of :func:`damped_step`, for :math:`A = I - M`)
+    is at most ``tol``, or after ``max_iter`` operator applications.
+
+    Returns ``x``, the applications after which each frame reached ``tol`` (``max_iter`` if it
+    did not) and each frame's final relative residual."""
+
+    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return scatter((p * q).sum(-1), batch, dim=0, dim_size=num_frames)
+
+    def per_atom(t: torch.Tensor) -> torch.Tensor:
+        return t[batch].unsqueeze(-1)
+
+    r0 = b - apply_operator(x0) if bool((x0 != 0).any()) else b
+    beta = dot(r0, r0).sqrt()
+    basis = [r0 / per_atom(beta.clamp_min(1e-30))]
+    x0_norm2 = dot(x0, x0)
+    x0_basis = [dot(x0, basis[0])]  # <x0, V_i>, for |x| = |x0 + V y|
+    hessenberg = b.new_zeros(num_frames, max_iter + 1, max_iter)
+    iters = torch.full((num_frames,), max_iter, dtype=torch.long, device=b.device)
+    done = beta == 0
+    iters = torch.where(done, torch.zeros_like(iters), iters)
+    y = b.new_zeros(num_frames, 0, 1)
+    res = torch.zeros(num_frames, dtype=b.dtype, device=b.device)
+    for j in range(max_iter):
+        w = apply_operator(basis[j])
+        for i in range(j + 1):  # modified Gram-Schmidt, per frame
+            h = dot(w, basis[i])
+            hessenberg[:, i, j] = h
+            w = w - per_atom(h) * basis[i]
+        norm = dot(w, w).sqrt()
+        hessenberg[:, j + 1, j] = norm
+        basis.append(w / per_atom(norm.clamp_min(1e-30)))
+        x0_basis.append(dot(x0, basis[-1]))
+        rhs = b.new_zeros(num_frames, j + 2, 1)
+        rhs[:, 0, 0] = beta
+        h = hessenberg[:, : j + 2, : j + 1]
+        y = torch.linalg.lstsq(h, rhs).solution
+        yy = y.squeeze(-1)
+        x_norm2 = x0_norm2 + 2 * (torch.stack(x0_basis[: j + 1], -1) * yy).sum(-1) + yy.square().sum(-1)
+        res = (rhs - h @ y).squeeze(-1).norm(dim=-1) / x_norm2.clamp_min(0).sqrt().clamp_min(1e-30)
+        res = torch.where(beta == 0, torch.zeros_like(res), res)
+        newly = ~done & (res <= tol)
+        iters = torch.where(newly, torch.full_like(iters, j + 1), iters)
+        done = done | newly
+        if bool(done.all()):
+            break
+    x = x0
+    for i in range(y.shape[1]):
+        x = x + per_atom(y[:, i, 0]) * basis[i]
+    return x, iters, res
 
 
 class FixedPointSolvers:
@@ -171,16 +244,32 @@ class FixedPointSolvers:
         x_hat: torch.Tensor,
         weights: List[torch.Tensor],
         z_star: torch.Tensor,
-        v: torch.Tensor,
+        v0: torch.Tensor,
         batch: torch.Tensor,
         num_frames: int,
         tol: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_adjoint` in grad mode (eager callers may run under ``no_grad``), checked."""
-        with torch.enable_grad():
-            v, iters, res = self._adjoint(data, x_hat, weights, z_star, v, batch, num_frames, tol)
+        """The adjoint solve of an eager call, checked: :meth:`_adjoint` in evaluation (the
+        iteration of TorchScript and compiled models), :func:`gmres` on
+        :math:`(I - J^\\top) v = g` in training. Runs in grad mode (eager callers may be under
+        ``no_grad``)."""
+        if not self.training:
+            with torch.enable_grad():
+                v, iters, res = self._adjoint(
+                    data, x_hat, weights, z_star, v0, batch, num_frames, tol
+                )
+        else:
+            with torch.enable_grad():
+                z = z_star.detach().requires_grad_(True)
+                g = torch.autograd.grad(self.energy(z, data).sum(), z)[0].detach()
+                fz = self.f(z, data, x_hat, weights)
+
+            def operator(v: torch.Tensor) -> torch.Tensor:
+                return v - torch.autograd.grad(fz, z, v, retain_graph=True)[0]
+
+            v, iters, res = gmres(operator, g, v0, batch, num_frames, tol, self.b_max_iter)
         check_solution("adjoint solve", v, iters, res, tol)
-        return v, iters, res
+        return v.detach(), iters, res
 
     # ---- torch.while_loop (traced for AOTInductor) ------------------------------------
 

@@ -29,8 +29,9 @@ where :math:`u` solves the *backward fixed point*
     \\begin{pmatrix} J^\\top\\alpha + H\\beta \\\\ J\\beta \\end{pmatrix},\\qquad
     H = \\partial_z^2 \\mathcal{L} .
 
-Both components converge at the rate of the forward solve (the iteration matrix is
-block-triangular with :math:`J` and :math:`J^\\top` on the diagonal). One vector product with
+The equation is linear in :math:`u` (solved per frame by GMRES,
+:func:`~nequip_deq.nn.solvers.gmres`); the operator is block-triangular with :math:`J` and
+:math:`J^\\top` on its diagonal, so it is as well conditioned as the adjoint. One product with
 :math:`(\\partial_w\\Phi)^\\top` is one backward pass through the graph of a single application
 of :math:`\\Phi` (recorded once per backward solve), whatever the number of iterations, so the
 memory does not grow with them.
@@ -50,13 +51,13 @@ of both fixed points instead: its error decays like (contraction factor)^K, its 
 with K.
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from nequip.data import AtomicDataDict
 
-from .solvers import check_solution, damped_step, solver_start
+from .solvers import check_solution, gmres
 
 
 class ImplicitTrainingGradient(torch.autograd.Function):
@@ -94,7 +95,7 @@ def attach_implicit_gradient(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:math:`(z^*, v^*)` as functions of the parameters and :math:`\\hat x` (through
     :class:`ImplicitTrainingGradient`). ``layer`` is the DEQ layer (``f``, ``energy``,
-    ``edge_weights``, ``damping``); it receives the backward solve's statistics in
+    ``edge_weights``); it receives the backward solve's statistics in
     ``last_backward_statistics`` (iterations and residual per frame)."""
     params = [p for p in layer.parameters() if p.requires_grad]
     geometry = {k: v.detach() for k, v in data.items()}
@@ -132,8 +133,8 @@ def backward_solve(
     tol: float,
     max_iter: int,
 ) -> Tuple[List[Optional[torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """Solve :math:`u = a + (\\partial_w\\Phi)^\\top u` per frame (``a``, ``u``: ``(N, 2X)``,
-    the cotangents of :math:`(z, v)` side by side) and return
+    """Solve :math:`u = a + (\\partial_w\\Phi)^\\top u` per frame by GMRES (``a``, ``u``:
+    ``(N, 2X)``, the cotangents of :math:`(z, v)` side by side) and return
     :math:`u^\\top \\partial\\Phi/\\partial(\\hat x, \\theta)` for ``[x_hat] + params``, with
     the iterations and last relative residual per frame."""
     width = z_star.shape[-1]
@@ -146,19 +147,16 @@ def backward_solve(
         e = layer.energy(z, data).sum()
         # the adjoint map dR/dz + J^T v, recorded so that it can be differentiated again
         phi_v = torch.autograd.grad([e, fz], [z], [None, v], create_graph=True)[0]
-    u = torch.zeros_like(a)
-    iters, res, active = solver_start(num_frames, a)
-    for _ in range(max_iter):
+
+    def operator(u: torch.Tensor) -> torch.Tensor:
+        # (I - dPhi/dw^T) u: one backward pass through the recorded application of Phi
         gz, gv = torch.autograd.grad(
             [fz, phi_v], [z, v], [u[:, :width], u[:, width:]], retain_graph=True,
             allow_unused=True,
         )
-        t = a + torch.cat([gz, gv if gv is not None else torch.zeros_like(gz)], dim=-1)
-        u, iters, res, active = damped_step(
-            u, t, iters, res, active, batch, num_frames, tol, layer.damping
-        )
-        if not bool(active.any()):
-            break
+        return u - torch.cat([gz, gv if gv is not None else torch.zeros_like(gz)], dim=-1)
+
+    u, iters, res = gmres(operator, a, torch.zeros_like(a), batch, num_frames, tol, max_iter)
     check_solution("implicit-gradient backward solve", u, iters, res, tol)
     grads = torch.autograd.grad(
         [fz, phi_v], [x] + params, [u[:, :width], u[:, width:]], allow_unused=True
@@ -202,8 +200,3 @@ def jacobian_penalty(
     z = z_star.detach().requires_grad_(True)
     return jac_reg(layer.f(z, data, x_hat, weights), z)
 
-
-def backward_statistics(layer) -> Dict[str, torch.Tensor]:
-    """The last backward solve's iterations and residuals per frame (empty if none ran)."""
-    stats = getattr(layer, "last_backward_statistics", None)
-    return {} if stats is None else stats

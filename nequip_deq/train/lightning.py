@@ -2,6 +2,7 @@
 metrics and an optional Jacobian-regularisation loss term."""
 
 import warnings
+from typing import Optional
 
 import torch
 
@@ -30,13 +31,28 @@ class _DEQTraining:
       the previous epoch (:mod:`~nequip_deq.train.fixed_point_store`; needs the
       ``frame_index`` field that :class:`~nequip_deq.data.MD17DataModule` provides).
       Validation and test always start cold.
+    - ``train_tol``: the relative tolerance of the forward, adjoint and backward solves in
+      training steps only (validation, test and the trained model keep the model's ``f_tol``,
+      ``b_tol``, ``grad_tol``): looser solves make training steps cheaper; the gradient is then
+      exact to that tolerance.
     """
 
-    def _init_deq(self, jacobian_penalty_weight: float, warm_start_training: bool) -> None:
+    def _init_deq(
+        self,
+        jacobian_penalty_weight: float,
+        warm_start_training: bool,
+        train_tol: Optional[float],
+    ) -> None:
         if jacobian_penalty_weight < 0:
             raise ValueError(
                 f"`jacobian_penalty_weight={jacobian_penalty_weight}` must be >= 0 (e.g. 1.0)."
             )
+        if train_tol is not None and not 0.0 < train_tol < 1.0:
+            raise ValueError(
+                f"`train_tol={train_tol}` must be a relative tolerance in (0, 1), e.g. 1e-3, "
+                "or null to train at the model's tolerances."
+            )
+        self.train_tol = train_tol
         self.jacobian_penalty_weight = float(jacobian_penalty_weight)
         self.fixed_point_store = FixedPointStore() if warm_start_training else None
         self._warned_no_frame_index = False
@@ -67,7 +83,16 @@ class _DEQTraining:
                 "field, so every training solve starts cold. nequip_deq.data.MD17DataModule "
                 "adds it; with another data module, add a per-frame integer `frame_index`."
             )
-        loss = super().training_step(batch, batch_idx, dataloader_idx)
+        layers = [m for m in self.model.modules() if isinstance(m, DEQEquiformerLayer)]
+        saved = [(m.f_tol, m.b_tol, m.grad_tol) for m in layers]
+        if self.train_tol is not None:
+            for m in layers:
+                m.f_tol = m.b_tol = m.grad_tol = self.train_tol
+        try:
+            loss = super().training_step(batch, batch_idx, dataloader_idx)
+        finally:
+            for m, tols in zip(layers, saved):
+                m.f_tol, m.b_tol, m.grad_tol = tols
         output = self._deq_output
         if store is not None:
             store.remember(batch, output)
@@ -124,6 +149,8 @@ class DEQLightningModule(_DEQTraining, NequIPLightningModule):
         jacobian_penalty_weight (float): weight of the Jacobian penalty (default 0: off)
         warm_start_training (bool): start each training frame's solves from its previous
             fixed point (default ``False``)
+        train_tol (float): tolerance of all solves in training steps (default ``None``: the
+            model's)
         **kwargs: those of :class:`~nequip.train.NequIPLightningModule`
     """
 
@@ -132,10 +159,11 @@ class DEQLightningModule(_DEQTraining, NequIPLightningModule):
         *args,
         jacobian_penalty_weight: float = 0.0,
         warm_start_training: bool = False,
+        train_tol: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_deq(jacobian_penalty_weight, warm_start_training)
+        self._init_deq(jacobian_penalty_weight, warm_start_training, train_tol)
 
 
 class DEQEMALightningModule(_DEQTraining, EMALightningModule):
@@ -147,7 +175,8 @@ class DEQEMALightningModule(_DEQTraining, EMALightningModule):
         *args,
         jacobian_penalty_weight: float = 0.0,
         warm_start_training: bool = False,
+        train_tol: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_deq(jacobian_penalty_weight, warm_start_training)
+        self._init_deq(jacobian_penalty_weight, warm_start_training, train_tol)

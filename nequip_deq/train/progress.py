@@ -21,6 +21,7 @@ class EpochSummary(Callback):
     def __init__(self):
         super().__init__()
         self._start = None
+        self._validated_at = None  # wall time of the validation pass to report
 
     def on_train_start(self, trainer, pl_module):
         self._start = time.perf_counter()
@@ -31,13 +32,15 @@ class EpochSummary(Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or self._start is None:
             return
-        pl_module.log("time/elapsed_s", self._elapsed(), rank_zero_only=True, sync_dist=False)
+        self._validated_at = self._elapsed()
+        pl_module.log("time/elapsed_s", self._validated_at, rank_zero_only=True, sync_dist=False)
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or self._start is None or not trainer.is_global_zero:
+        if self._validated_at is None or not trainer.is_global_zero:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
-        parts = [f"epoch {trainer.current_epoch}", f"{self._elapsed():.0f} s"]
+        parts = [f"epoch {trainer.current_epoch}", f"{self._validated_at:.0f} s"]
+        self._validated_at = None
         if "val0_epoch/weighted_sum" in m:
             parts.append(f"val loss {m['val0_epoch/weighted_sum']:.4g}")
         if "val0_epoch/total_energy_mae" in m:
