@@ -173,15 +173,19 @@ def main():
         flush=True,
     )
     rows = {"Equiformer, 6 blocks": training_step_cost(explicit, data, args.steps)}
-    for name, implicit, unroll_steps in (
-        ("DEQ, train_gradient implicit", True, 0),
-        ("DEQ, train_gradient unroll, K=0 (gradient wrong)", False, 0),
-        ("DEQ, train_gradient unroll, K=1", False, 1),
-        ("DEQ, train_gradient unroll, K=3", False, 3),
+    tols = (layer.f_tol, layer.b_tol, layer.grad_tol)
+    for name, implicit, unroll_steps, tol in (
+        ("DEQ, train_gradient implicit", True, 0, None),
+        ("DEQ, train_gradient implicit, train_tol 1e-3", True, 0, 1e-3),
+        ("DEQ, train_gradient unroll, K=0 (gradient wrong)", False, 0, None),
+        ("DEQ, train_gradient unroll, K=1", False, 1, None),
+        ("DEQ, train_gradient unroll, K=3", False, 3, None),
     ):
         layer.train_implicit, layer.train_unroll_steps = implicit, unroll_steps
+        layer.f_tol, layer.b_tol, layer.grad_tol = tols if tol is None else (tol,) * 3
         rows[name] = training_step_cost(deq, data, args.steps)
         print(f"  measured {name}", flush=True)
+    layer.f_tol, layer.b_tol, layer.grad_tol = tols
     n_deq = sum(p.numel() for p in deq.parameters())
     n_exp = sum(p.numel() for p in explicit.parameters())
     print(f"parameters: DEQ {n_deq}, Equiformer 6 blocks {n_exp}")

@@ -76,6 +76,13 @@ def config(name: str, args) -> dict:
     elif name == "deq_loose":
         cfg["training_module"]["train_tol"] = 1e-3
     cfg["training_module"]["model"] = model
+    for override in args.override:
+        key, value = override.split("=", 1)
+        *parents, last = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
     return cfg
 
 
@@ -177,7 +184,7 @@ def plot(results, args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for r in results:
         t, f = zip(*r["curve"])
         ax.plot([s / 60 for s in t], f, marker=".", label=f"{LABELS[r['name']]}")
@@ -186,7 +193,7 @@ def plot(results, args, path: Path) -> None:
     ax.set_ylabel("validation force MAE (meV/Å)")
     ax.set_title(f"rMD17 {args.molecule}: accuracy against training time")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -198,6 +205,8 @@ def main():
     parser.add_argument("--minutes", type=int, default=10, help="training budget per model")
     parser.add_argument("--models", nargs="+", default=["equiformer", "deq", "nequip_s"],
                         choices=list(LABELS))
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config changes for every model, e.g. training_module.optimizer.lr=0.005")
     parser.add_argument("--out", default="outputs/same_budget", help="run directories")
     parser.add_argument("--png", default=None, help="learning curves (default: in --out)")
     args = parser.parse_args()

@@ -356,12 +356,12 @@ def test_warm_started_training_same_results_fewer_iterations():
         (grad,) = torch.autograd.grad(out[AtomicDataDict.FORCE_KEY].square().sum(), [param])
         return out, grad
 
-    assert store.warm_start(dict(batch))  # has frame keys, nothing stored: cold
+    assert store.warm_start(dict(batch)) == 0.0  # has frame keys, nothing stored: cold
     cold, cold_grad = step(dict(batch))
     store.remember(batch, cold)
     assert len(store) == 2
     warm_batch = dict(batch)
-    store.warm_start(warm_batch)
+    assert store.warm_start(warm_batch) == 1.0
     warm, warm_grad = step(warm_batch)
     torch.testing.assert_close(warm["forces"], cold["forces"], atol=1e-6, rtol=0)
     torch.testing.assert_close(warm_grad, cold_grad, atol=1e-5 * float(cold_grad.abs().max()), rtol=0)
@@ -371,11 +371,11 @@ def test_warm_started_training_same_results_fewer_iterations():
     other = graph(rattled("CH3CH2OH", 8))
     other[FRAME_INDEX_KEY] = torch.tensor([99])
     mixed = AtomicDataDict.batched_from_list([frames[0], other])
-    store.warm_start(mixed)
+    assert store.warm_start(mixed) == 0.5
     n0 = frames[0][AtomicDataDict.POSITIONS_KEY].shape[0]
     assert mixed["deq_state"][:n0].abs().sum() > 0 and mixed["deq_state"][n0:].abs().sum() == 0
     # without frame keys the store does nothing and says so
-    assert not store.warm_start(dict(graph(rattled("CH3CH2OH", 9))))
+    assert store.warm_start(dict(graph(rattled("CH3CH2OH", 9)))) is None
 
 
 def test_train_time_compile_is_refused():

@@ -13,7 +13,7 @@ meanwhile); in DDP each process keeps the frames it has seen (a frame a process 
 starts cold). Memory: two ``(atoms, X)`` tensors per training frame.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -40,30 +40,32 @@ class FixedPointStore:
         counts = batch[AtomicDataDict.NUM_NODES_KEY].reshape(-1).tolist()
         return keys, counts
 
-    def warm_start(self, batch: AtomicDataDict.Type) -> bool:
+    def warm_start(self, batch: AtomicDataDict.Type) -> Optional[float]:
         """Put the stored states of the batch's frames into ``batch`` as the solvers' starting
         points (``deq_state``, ``deq_adjoint_state``; zeros for frames not seen yet). Returns
-        whether the batch has frame keys."""
+        the fraction of the batch's frames that start warm, or ``None`` when the batch has no
+        frame keys."""
         keys, counts = self._frames(batch)
         if keys is None:
-            return False
+            return None
         known = [self.states.get(k) for k in keys]
         width = next((s[0].shape[1] for s in known if s is not None), None)
         if width is None:
-            return True  # nothing stored yet: cold start
+            return 0.0  # nothing stored yet: cold start
         pos = batch[AtomicDataDict.POSITIONS_KEY]
-        z, v = [], []
+        z, v, warm = [], [], 0
         for state, n in zip(known, counts):
             if state is not None and state[0].shape[0] == n:
                 z.append(state[0])
                 v.append(state[1])
+                warm += 1
             else:
                 zero = pos.new_zeros(n, width)
                 z.append(zero)
                 v.append(zero)
         batch[DEQ_STATE_KEY] = torch.cat(z).to(pos.device)
         batch[DEQ_ADJOINT_STATE_KEY] = torch.cat(v).to(pos.device)
-        return True
+        return warm / len(keys)
 
     def remember(self, batch: AtomicDataDict.Type, output: AtomicDataDict.Type) -> None:
         """Keep the solutions of this step, per frame."""

@@ -29,7 +29,8 @@ class _DEQTraining:
       built with ``jacobian_penalty: true``).
     - ``warm_start_training``: start every training frame's solves from its fixed point of
       the previous epoch (:mod:`~nequip_deq.train.fixed_point_store`; needs the
-      ``frame_index`` field that :class:`~nequip_deq.data.MD17DataModule` provides).
+      ``frame_index`` field that :class:`~nequip_deq.data.MD17DataModule` provides), logging
+      the fraction of frames that started warm (``train_deq/warm_start_fraction``).
       Validation and test always start cold.
     - ``train_tol``: the relative tolerance of the forward, adjoint and backward solves in
       training steps only (validation, test and the trained model keep the model's ``f_tol``,
@@ -76,13 +77,17 @@ class _DEQTraining:
 
     def training_step(self, batch, batch_idx, dataloader_idx=0):
         store = self.fixed_point_store
-        if store is not None and not store.warm_start(batch) and not self._warned_no_frame_index:
-            self._warned_no_frame_index = True
-            warnings.warn(
-                "`warm_start_training: true` but the training batches have no `frame_index` "
-                "field, so every training solve starts cold. nequip_deq.data.MD17DataModule "
-                "adds it; with another data module, add a per-frame integer `frame_index`."
-            )
+        if store is not None:
+            warm = store.warm_start(batch)
+            if warm is not None:
+                self.log("train_deq/warm_start_fraction", warm)
+            elif not self._warned_no_frame_index:
+                self._warned_no_frame_index = True
+                warnings.warn(
+                    "`warm_start_training: true` but the training batches have no `frame_index` "
+                    "field, so every training solve starts cold. nequip_deq.data.MD17DataModule "
+                    "adds it; with another data module, add a per-frame integer `frame_index`."
+                )
         layers = [m for m in self.model.modules() if isinstance(m, DEQEquiformerLayer)]
         saved = [(m.f_tol, m.b_tol, m.grad_tol) for m in layers]
         if self.train_tol is not None:
