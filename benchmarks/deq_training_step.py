@@ -76,9 +76,16 @@ def aspirin_batch(model, frames: int = 5):
 
 
 def step(model, data):
-    """One training step; returns the model output (detached statistics)."""
+    """One training step; returns the model output (detached statistics). A DEQ layer that
+    computed a Jacobian penalty (``jacobian_penalty: true``) adds it to the loss, as
+    ``DEQLightningModule`` does."""
     out = model(dict(data))
-    out[AtomicDataDict.FORCE_KEY].square().mean().backward()
+    loss = out[AtomicDataDict.FORCE_KEY].square().mean()
+    for m in model.modules():
+        if isinstance(m, DEQEquiformerLayer) and m.last_jacobian_penalty is not None:
+            loss = loss + m.last_jacobian_penalty
+            m.last_jacobian_penalty = None
+    loss.backward()
     return out
 
 
@@ -122,7 +129,6 @@ def training_step_cost(model, data, steps: int):
                 )
             )
             layer.last_backward_statistics = None
-            layer.last_jacobian_penalty = None
     mib = peak_memory(model, data)
     model.eval()
     iterations = tuple(np.mean(its[1:], axis=0)) if its else (np.nan,) * 3
@@ -174,18 +180,21 @@ def main():
     )
     rows = {"Equiformer, 6 blocks": training_step_cost(explicit, data, args.steps)}
     tols = (layer.f_tol, layer.b_tol, layer.grad_tol)
-    for name, implicit, unroll_steps, tol in (
-        ("DEQ, train_gradient implicit", True, 0, None),
-        ("DEQ, train_gradient implicit, train_tol 1e-3", True, 0, 1e-3),
-        ("DEQ, train_gradient unroll, K=0 (gradient wrong)", False, 0, None),
-        ("DEQ, train_gradient unroll, K=1", False, 1, None),
-        ("DEQ, train_gradient unroll, K=3", False, 3, None),
+    for name, implicit, unroll_steps, tol, penalty in (
+        ("DEQ, train_gradient implicit", True, 0, None, False),
+        ("DEQ, train_gradient implicit, train_tol 1e-3", True, 0, 1e-3, False),
+        ("DEQ, implicit, train_tol 1e-3, Jacobian penalty (deq_quickstart)", True, 0, 1e-3, True),
+        ("DEQ, train_gradient unroll, K=0 (gradient wrong)", False, 0, None, False),
+        ("DEQ, train_gradient unroll, K=1", False, 1, None, False),
+        ("DEQ, train_gradient unroll, K=3", False, 3, None, False),
     ):
         layer.train_implicit, layer.train_unroll_steps = implicit, unroll_steps
         layer.f_tol, layer.b_tol, layer.grad_tol = tols if tol is None else (tol,) * 3
+        layer.jacobian_penalty = penalty
         rows[name] = training_step_cost(deq, data, args.steps)
         print(f"  measured {name}", flush=True)
     layer.f_tol, layer.b_tol, layer.grad_tol = tols
+    layer.jacobian_penalty = False
     n_deq = sum(p.numel() for p in deq.parameters())
     n_exp = sum(p.numel() for p in explicit.parameters())
     print(f"parameters: DEQ {n_deq}, Equiformer 6 blocks {n_exp}")

@@ -5,8 +5,9 @@ A compiled model takes ``deq_state`` / ``deq_adjoint_state`` (``(N, X)``: the pr
 step's fixed point and adjoint; zeros = cold start) and returns the new ones together with the
 solver statistics, so that :class:`nequip_deq.integrations.ase.DEQCalculator` can warm-start
 every MD step. The state width ``X`` is the model's; DEQ layers report it in the model metadata
-(``deq_state_width``) and the builder tells this target (:func:`set_state_width`) so that the
-example data used for tracing carries states of the right shape.
+(``deq_state_width``) and, when nequip-compile reads that metadata, tells these targets
+(:func:`announce_model`) so that the example data used for tracing carries states of the
+right shape.
 
 ``pair_nequip_deq`` has exactly ``pair_nequip``'s inputs (the pair style passes no state) and
 ``pair_nequip``'s outputs plus the solver statistics (the pair style reads the fields it needs
@@ -33,17 +34,30 @@ ASE_DEQ_TARGET = "ase_deq"
 PAIR_NEQUIP_DEQ_TARGET = "pair_nequip_deq"
 STATE_WIDTH_METADATA_KEY = "deq_state_width"
 STATE_CACHE_METADATA_KEY = "deq_state_cache_atoms"
+# the solver settings of a DEQ model (effective tolerances for its dtype), read back by
+# DEQCalculator, nequip-deq-md and nequip-deq-lammps-check
+SOLVER_METADATA_KEYS = ("deq_f_tol", "deq_f_max_iter", "deq_b_tol", "deq_b_max_iter")
 _built = {"state_width": None, "state_cache": None}
 
 
-def set_state_width(width: int) -> None:
-    """Called by the DEQ builder: the width ``X`` of the state of the model being built."""
-    _built["state_width"] = int(width)
+def announce_model(state_width: int, state_cache: int) -> None:
+    """Called by a DEQ layer when nequip-compile reads the model's metadata (which it does
+    before tracing): the width ``X`` of the state and the state cache's capacity (0: none), so
+    that the targets can trace with states of the right shape and check for the cache. A
+    packaged model (``.nequip.zip``) carries its own copy of this package; its layers reach
+    this module through ``sys.modules`` (see :func:`announce_to_compile_targets`)."""
+    _built["state_width"] = int(state_width)
+    _built["state_cache"] = int(state_cache) if state_cache > 0 else None
 
 
-def set_state_cache(capacity: int) -> None:
-    """Called by the ``enable_DEQStateCache`` modifier: the model now keeps its state."""
-    _built["state_cache"] = int(capacity)
+def announce_to_compile_targets(state_width: int, state_cache: int) -> None:
+    """:func:`announce_model` on the installed ``nequip_deq._compile_targets`` (the one whose
+    targets nequip-compile uses), also from the copy of this code inside a packaged model."""
+    import sys
+
+    installed = sys.modules.get("nequip_deq._compile_targets")
+    if installed is not None:
+        installed.announce_model(state_width, state_cache)
 
 
 def _require_deq(target: str) -> int:
@@ -114,3 +128,15 @@ def compiled_target(metadata: dict) -> str:
         if list(target["input"]) == inputs and list(target["output"]) == outputs:
             return name
     return "custom"
+
+
+def solver_limits(metadata: dict):
+    """The solver tolerances and iteration caps a compiled DEQ model records
+    (``{"f_tol": ..., "f_max_iter": ..., "b_tol": ..., "b_max_iter": ...}``), or ``None`` for a
+    model that records none (not a DEQ, or compiled before they were recorded)."""
+    if not all(k in metadata for k in SOLVER_METADATA_KEYS):
+        return None
+    return {
+        k[len("deq_"):]: (int if k.endswith("max_iter") else float)(metadata[k])
+        for k in SOLVER_METADATA_KEYS
+    }

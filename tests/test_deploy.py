@@ -79,6 +79,10 @@ def test_compiled_ase_model_matches_eager_and_runs_md(checkpoint, eager_calc, tm
     drift = float(printed.split("total-energy drift ")[1].split(" meV/atom")[0])
     assert abs(drift) < 1.0, printed  # meV/atom over 50 fs
     assert (tmp_path / "md" / "md.traj").is_file()
+    # a progress line every 50 steps, every step in steps.csv, the energies as a figure
+    assert "step     50 |" in printed and "step    100 |" in printed and "ms/step" in printed, printed
+    assert len((tmp_path / "md" / "steps.csv").read_text().splitlines()) == 1 + 101
+    assert (tmp_path / "md" / "md_energies.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 residuals, warm start (same results, fewer iterations, cold fallback), refusal of partial
 forces, failure reporting, parameter gradients in training, TorchScript, bad settings."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,9 @@ from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborList
 from nequip.nn import PartialForceOutput
 from nequip.utils.global_state import set_global_state
 
+from nequip_deq._compile_targets import solver_limits
 from nequip_deq._keys import FRAME_INDEX_KEY
-from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.integrations.ase import DEQCalculator, check_solves
 from nequip_deq.model import DEQEquiformerModel, InvalidModelConfig
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer, FixedPointError, PartialForcesNotExact
 from nequip_deq.train.fixed_point_store import FixedPointStore
@@ -122,6 +125,32 @@ def test_residuals_below_tolerance():
     assert float((g + jtv - v).norm() / (g + jtv).norm()) < 1e-9
 
 
+def test_every_atom_of_a_large_box_meets_the_tolerance():
+    """The convergence test is per atom: on a periodic box of 1125 atoms, every atom's
+    forward and adjoint residual is below the tolerance (relative to the frame's RMS norm),
+    not just the frame as a whole (a frame norm divides one atom's error by sqrt(N))."""
+    tol = 1e-4
+    model = build("float64", f_tol=tol, b_tol=tol)
+    box = rattled("CH3CH2OH", 3, 0.05)
+    box.center()
+    box.cell = [5.0, 5.0, 5.0]
+    box.pbc = True
+    box = box.repeat((5, 5, 5))
+    box.rattle(0.05, seed=4)
+    assert len(box) >= 1000
+    data = graph(box)
+    out = model(dict(data))
+    layer = deq_layer(model)
+    x_hat = layer.injection.normalize(out[AtomicDataDict.NODE_FEATURES_KEY].detach())
+    z = out["deq_state"].detach().requires_grad_(True)
+    fz = layer.f(z, dict(out), x_hat, layer.edge_weights(dict(out)))
+    g = torch.autograd.grad(layer.energy(z, dict(out)).sum(), z, retain_graph=True)[0]
+    adjoint = g + torch.autograd.grad(fz, z, out["deq_adjoint_state"])[0]
+    for new, old in ((fz.detach(), z.detach()), (adjoint, out["deq_adjoint_state"])):
+        per_atom = (new - old).norm(dim=-1) / new.square().sum(-1).mean().sqrt()
+        assert float(per_atom.max()) <= tol, float(per_atom.max())
+
+
 def calculator(model, warm_start=True):
     return DEQCalculator(
         model, device="cpu", warm_start=warm_start,
@@ -222,6 +251,69 @@ def test_state_cache_warm_starts_callers_that_pass_no_state(dtype):
     small = with_state_cache(build(dtype, f_tol=1e-5, b_tol=1e-5), capacity=4)
     for atoms in short_trajectory(steps=2):  # 9 atoms > 4: always cold
         cold_start_exact(atoms, small)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_solver_limits_are_recorded_for_compiled_models(dtype):
+    """The model's metadata carries its solver tolerances (floored in float32, as the solves
+    are) and iteration caps, which calculators and checks read back."""
+    model = build(dtype, f_tol=1e-7, b_tol=1e-4, f_max_iter=33, b_max_iter=44)
+    limits = solver_limits(deq_layer(model)._get_metadata_contributions())
+    f_tol = 2e-6 if dtype == "float32" else 1e-7
+    assert limits == {"f_tol": f_tol, "f_max_iter": 33, "b_tol": 1e-4, "b_max_iter": 44}
+
+
+def test_compiled_solves_are_checked_by_the_calculator():
+    """A compiled model can neither warn nor raise: DEQCalculator checks each call's results
+    against the recorded limits, names the call, and raises on non-finite values."""
+    limits = {"f_tol": 1e-4, "f_max_iter": 30, "b_tol": 1e-4, "b_max_iter": 30}
+    out = {AtomicDataDict.TOTAL_ENERGY_KEY: torch.zeros(1, 1), AtomicDataDict.FORCE_KEY: torch.zeros(3, 3)}
+    results = {"deq_residual": 5e-5, "deq_iterations": 7, "deq_adjoint_residual": 2e-5,
+               "deq_adjoint_iterations": 5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_solves(results, out, limits, call=3)  # converged: silent
+    with pytest.warns(UserWarning, match=r"adjoint solve at call 12 ended at relative residual 0.003 .*after 30 iterations \(cap 30\)"):
+        check_solves({**results, "deq_adjoint_residual": 3e-3, "deq_adjoint_iterations": 30}, out, limits, call=12)
+    with pytest.raises(FixedPointError, match="non-finite values at call 4"):
+        check_solves({**results, "deq_residual": float("nan")}, out, limits, call=4)
+    bad = {**out, AtomicDataDict.FORCE_KEY: torch.full((3, 3), float("inf"))}
+    with pytest.raises(FixedPointError, match="non-finite"):
+        check_solves(results, bad, limits, call=5)
+
+
+def test_compiling_without_state_says_every_call_starts_cold(monkeypatch):
+    """Traced for a target that passes no state (nequip's `ase`, `pair_nequip`) and without
+    the state cache, the DEQ says at compile time that it will start cold at every call and
+    names the warm routes; traced with a state input it says nothing."""
+    from nequip_deq.nn import fixed_point
+
+    monkeypatch.setattr(fixed_point, "_call_mode", lambda: "traced")
+    # torch.while_loop runs only under export: the eager loops stand in for the traced ones
+    monkeypatch.setattr(DEQEquiformerLayer, "_iterate_traced", DEQEquiformerLayer._iterate)
+    monkeypatch.setattr(DEQEquiformerLayer, "_adjoint_traced", DEQEquiformerLayer._adjoint)
+    model = build("float64", f_tol=1e-6, b_tol=1e-6)
+    data = graph(rattled("CH3CHO", 0))
+    with pytest.warns(UserWarning, match=r"start its solves cold.*--target ase_deq.*enable_DEQStateCache"):
+        model(dict(data))
+    given = dict(data)
+    given["deq_state"] = torch.zeros(7, deq_layer(model).injection.norm.irreps.dim, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(given)
+
+
+def test_state_cache_keeps_no_unconverged_state():
+    """A solve that stops at its cap leaves nothing in the cache: the next step starts cold
+    (same iterations as the plain model) instead of from an unconverged state."""
+    cached = with_state_cache(build("float64", f_max_iter=3))
+    plain = build("float64", f_max_iter=3)
+    layer = deq_layer(cached)
+    for atoms in short_trajectory(steps=2):
+        with pytest.warns(UserWarning, match="did not reach the tolerance"):
+            out, ref = cached(single_frame(atoms)), plain(single_frame(atoms))
+        assert int(layer.state_cache.num_atoms[0]) == -1
+        torch.testing.assert_close(out["deq_state"], ref["deq_state"], atol=0, rtol=0)
 
 
 def test_state_cache_is_off_in_training_and_batches():

@@ -20,7 +20,9 @@ from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, pair_nequip_inputs
-from nequip_deq.scripts.md import load_calculator
+from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.scripts.md import load_calculator, main as md_main
+from nequip_deq.scripts.report import main as report_main
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 MODEL = [
@@ -51,6 +53,7 @@ def trained(tmp_path_factory):
             f"hydra.run.dir={run_dir}", *MODEL, "data.train=40", "trainer.max_epochs=2",
             "training_module._target_=nequip_deq.train.DEQLightningModule",
             "+training_module.jacobian_penalty_weight=1.0",
+            "+training_module.jacobian_penalty_every=2",
             "+training_module.warm_start_training=true",
             "training_module.optimizer.lr=0.002",
             "training_module.loss.coeffs.forces=10.0",
@@ -75,6 +78,11 @@ def test_training_lowers_the_loss_and_logs_solver_statistics(trained):
     for key in ("train_deq/deq_iterations", "val_deq/deq_adjoint_iterations",
                 "val_deq/max_deq_residual", "train_deq/jacobian_penalty"):
         assert key in logged, sorted(logged)
+    # the Jacobian penalty on every second training step only (jacobian_penalty_every: 2)
+    penalised = [int(r["step"]) for r in rows if r.get("train_deq/jacobian_penalty")]
+    trained_steps = {int(r["step"]) for r in rows if r.get("train_deq/deq_iterations")}
+    assert penalised and len({s % 2 for s in penalised}) == 1, penalised  # every other step
+    assert len(penalised) >= len(trained_steps) // 2 - 1, (penalised, sorted(trained_steps))
     iterations = [float(r["val_deq/deq_iterations"]) for r in rows if r.get("val_deq/deq_iterations")]
     assert all(2 <= it < 60 for it in iterations), iterations
     # the implicit training gradient's backward solve is logged and converges
@@ -93,24 +101,58 @@ def test_training_lowers_the_loss_and_logs_solver_statistics(trained):
     assert per_epoch[0][0] == 0.0 and per_epoch[1] and min(per_epoch[1]) == 1.0, per_epoch
 
 
+@pytest.mark.slow
+def test_report_and_md_figures(trained, tmp_path, capsys):
+    """What the quickstart shows a user: nequip-deq-report writes the learning curve and the
+    test-set parity and prints the test MAEs; nequip-deq-md prints a progress line with the
+    DEQ's iterations every N steps and draws energies and iterations per step."""
+    ckpt = str(trained / "best.ckpt")
+    assert report_main([str(trained), "--model", ckpt, "--frames", "8", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "test force MAE" in printed and "(8 frames)" in printed, printed
+    for name in ("learning_curve.png", "parity.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    assert md_main([ckpt, "--steps", "20", "--print-every", "10", "--out", str(tmp_path / "md")]) == 0
+    printed = capsys.readouterr().out
+    assert "step     20 |" in printed and "DEQ iterations" in printed, printed
+    assert len((tmp_path / "md" / "steps.csv").read_text().splitlines()) == 1 + 21
+    for name in ("md_energies.png", "deq_iterations.png"):
+        assert (tmp_path / "md" / name).stat().st_size > 10_000
+
+
 def trajectory(steps):
     """Consecutive frames of the bundled MD17 ethanol trajectory (0.5 fs apart)."""
     return read_molecule_npz(bundled_data_path("md17_ethanol_first300.npz"), frames=range(steps))
 
 
 @pytest.mark.slow
-def test_compiled_warm_start_matches_eager(trained, tmp_path):
+def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
+    """nequip-package builds the DEQ (torchdeq, training-only, is mocked); the packaged model
+    gives the checkpoint's numbers; nequip-compile --target ase_deq of the *packaged* model
+    matches the eager model, checks its solves through DEQCalculator and warm-starts."""
+    packaged = tmp_path / "deq.nequip.zip"
+    result = subprocess.run(
+        ["nequip-package", "build", str(trained / "best.ckpt"), str(packaged)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     compiled = tmp_path / "deq.nequip.pt2"
     result = subprocess.run(
-        ["nequip-compile", str(trained / "best.ckpt"), str(compiled), "--mode", "aotinductor",
+        ["nequip-compile", str(packaged), str(compiled), "--mode", "aotinductor",
          "--device", "cpu", "--target", "ase_deq"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    from_package = load_calculator(str(packaged), "cpu")
+    assert isinstance(from_package, DEQCalculator)
     fast = load_calculator(str(compiled), "cpu")
     assert isinstance(fast, DEQCalculator) and fast.state_width == 40  # 16x0e+8x1o
     eager = load_calculator(str(trained / "best.ckpt"), "cpu")  # what nequip-deq-md uses
     assert isinstance(eager, DEQCalculator)
+    # the compiled model's solver limits reach the calculator, which checks every call
+    layer = next(m for m in eager.model.modules() if isinstance(m, DEQEquiformerLayer))
+    assert fast.solver_limits == {"f_tol": 1e-5, "f_max_iter": layer.f_max_iter,
+                                  "b_tol": 1e-5, "b_max_iter": layer.b_max_iter}
     cold_iters, warm_iters = [], []
     for i, atoms in enumerate(trajectory(6)):
         atoms.center(vacuum=10.0)  # a dummy box, as nequip-deq-md does (finite stress)
@@ -118,6 +160,7 @@ def test_compiled_warm_start_matches_eager(trained, tmp_path):
         e_fast = fast.get_potential_energy(atoms.copy())
         f_eager = eager.get_forces(atoms.copy())
         e_eager = eager.get_potential_energy(atoms.copy())
+        np.testing.assert_allclose(from_package.get_forces(atoms.copy()), f_eager, atol=1e-5, rtol=0)
         np.testing.assert_allclose(f_fast, f_eager, atol=2e-3, rtol=0)
         assert abs(e_fast - e_eager) < 1e-3
         assert fast.results["deq_warm"] == (i > 0)
@@ -143,6 +186,7 @@ def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     notes = check_pair_model(torch._inductor.aoti_load_package(str(compiled)).get_metadata(), ["C", "H", "O"])
     assert any("state cache for up to 10000 atoms" in n for n in notes), notes
+    assert any("DEQ solver: forward tolerance 1e-05" in n for n in notes), notes
     model, metadata = load_compiled_model(
         str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS + list(SOLVER_STATISTICS)
     )

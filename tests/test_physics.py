@@ -97,6 +97,37 @@ def test_attention_weights_continuous_at_cutoff():
     assert torch.equal(zeros, torch.zeros_like(zeros))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_weights_stable_when_the_largest_logit_sits_at_the_cutoff(dtype):
+    """The softmax is stabilised with max(z + log u), not max(z): an edge at (or next to) the
+    cutoff with a logit far above the others must not push the others' terms to underflow.
+    Reference: the same weights in float64 with the exact formula, and their gradients."""
+    big = 120.0 if dtype == torch.float32 else 800.0  # exp(-big) underflows in dtype
+    logits = torch.tensor([[big, 0.0], [0.0, 0.0], [1.0, 0.0]], dtype=dtype, requires_grad=True)
+    cutoff = torch.tensor([[0.0], [1.0], [0.5]], dtype=dtype)
+    center = torch.tensor([0, 0, 0])
+    alpha = envelope_softmax(logits, cutoff, center, 1)
+    expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5 * np.e, 0.5]], dtype=torch.float64)
+    expected[:, 0] /= 1.0 + 0.5 * np.e
+    expected[:, 1] /= 1.5
+    torch.testing.assert_close(alpha.detach().double(), expected, atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(alpha[1, 0], logits)
+    assert torch.isfinite(grad).all()
+    # d alpha_1 / d z_k = alpha_1 (delta_1k - alpha_k)
+    torch.testing.assert_close(
+        grad[:, 0].double(), float(expected[1, 0]) * (torch.tensor([0.0, 1.0, 0.0]).double() - expected[:, 0]),
+        atol=1e-6, rtol=0,
+    )
+    # an edge just inside the cutoff (u tiny but positive) with a large logit: exact weights
+    tiny_u = 1e-30 if dtype == torch.float32 else 1e-300
+    near = torch.tensor([[tiny_u], [1.0], [0.5]], dtype=dtype)
+    z = torch.tensor([[60.0], [0.0], [1.0]], dtype=dtype) if dtype == torch.float32 else \
+        torch.tensor([[690.0], [0.0], [1.0]], dtype=dtype)
+    terms = torch.log(near.double()) + z.double()
+    reference = torch.softmax(terms, dim=0)
+    torch.testing.assert_close(envelope_softmax(z, near, center, 1).double(), reference, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("parity", [True, False])
 def test_mirror_images(parity):
     """parity=True (default): E(3)-equivariant, mirror images get equal energies and

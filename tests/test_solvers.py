@@ -1,10 +1,11 @@
 """The per-frame solvers on small linear problems with known solutions: GMRES (training's
-adjoint and implicit-gradient solves) and the damped iteration (NaN residuals never count as
-converged)."""
+adjoint and implicit-gradient solves), the damped iteration (NaN residuals never count as
+converged) and its per-atom residual."""
 
+import pytest
 import torch
 
-from nequip_deq.nn.solvers import damped_step, gmres, solver_start
+from nequip_deq.nn.solvers import damped_step, frame_residual, gmres, solver_start
 
 
 def block_system(sizes, width=3, seed=0):
@@ -70,3 +71,17 @@ def test_nan_residual_is_not_converged():
     it, res, active = solver_start(1, s)
     _, it, res, active = damped_step(s, t, it, res, active, torch.zeros(3, dtype=torch.long), 1, 1e-4, 1.0)
     assert bool(active[0]) and torch.isnan(res[0])
+
+
+@pytest.mark.parametrize("num_atoms", [10, 1000])
+def test_residual_is_per_atom_and_size_independent(num_atoms):
+    """One atom off by delta gives residual delta / RMS norm, whatever the system size (the
+    frame norm would give delta / (sqrt(N) RMS): one atom far above tolerance would pass)."""
+    new = torch.ones(num_atoms, 4, dtype=torch.float64)  # RMS norm 2
+    old = new.clone()
+    old[num_atoms // 2, 1] += 0.01
+    batch = torch.zeros(num_atoms, dtype=torch.long)
+    torch.testing.assert_close(frame_residual(new, old, batch, 1), torch.tensor([0.005], dtype=torch.float64))
+    # frames of a batch are measured apart
+    both = frame_residual(torch.cat([new, new]), torch.cat([old, new]), torch.cat([batch, batch + 1]), 2)
+    torch.testing.assert_close(both, torch.tensor([0.005, 0.0], dtype=torch.float64))

@@ -65,15 +65,19 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(times) == 2 and 0 < times[0] < times[1], times
 
 
-def test_bad_deq_training_config_fails_before_training(tmp_path):
+@pytest.mark.parametrize(
+    "setting, words",
+    [("train_tol=2.0", "train_tol=2.0"), ("jacobian_penalty_every=0", "jacobian_penalty_every=0")],
+)
+def test_bad_deq_training_config_fails_before_training(tmp_path, setting, words):
     result = nequip_train(
         tmp_path, *[m for m in MODEL if "num_layers" not in m],
         "training_module.model._target_=nequip_deq.model.DEQEquiformerModel",
         "training_module._target_=nequip_deq.train.DEQLightningModule",
-        "+training_module.train_tol=2.0",
+        f"+training_module.{setting}",
     )
     assert result.returncode != 0
-    assert "train_tol=2.0" in result.stderr, result.stderr[-2000:]
+    assert words in result.stderr, result.stderr[-2000:]
     assert "TRAIN RUN START" not in result.stderr + result.stdout
     assert not (tmp_path / "best.ckpt").exists()
 

@@ -1,5 +1,6 @@
 """ASE calculator for DEQ models that reuses the previous fixed point (warm start)."""
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -8,8 +9,14 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
-from .._compile_targets import ASE_DEQ_TARGET, STATE_WIDTH_METADATA_KEY, compiled_target
+from .._compile_targets import (
+    ASE_DEQ_TARGET,
+    STATE_WIDTH_METADATA_KEY,
+    compiled_target,
+    solver_limits,
+)
 from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, SOLVER_STATISTICS
+from ..nn.solvers import FixedPointError
 
 
 class DEQCalculator(NequIPCalculator):
@@ -31,9 +38,13 @@ class DEQCalculator(NequIPCalculator):
     ``deq_residual``, ``deq_adjoint_iterations``, ``deq_adjoint_residual`` and ``deq_warm``
     (whether it was warm-started).
 
-    Eager models (``from_checkpoint_model`` / constructor) work as they are; compiled models
-    must be compiled with ``nequip-compile --mode aotinductor --target ase_deq`` (load with
-    :meth:`from_compiled_model`).
+    Eager models (``from_checkpoint_model`` / constructor) work as they are and check their
+    own solves; compiled models must be compiled with ``nequip-compile --mode aotinductor
+    --target ase_deq`` (load with :meth:`from_compiled_model`). A compiled model cannot warn or
+    raise, so the calculator checks every call against the tolerances and caps recorded in the
+    model's metadata (``solver_limits``): it raises :class:`FixedPointError` on non-finite
+    energies, forces or residuals and warns, with the residual, the iterations and the call
+    number, when a solve ended above its tolerance.
     """
 
     implemented_properties = NequIPCalculator.implemented_properties + [
@@ -50,12 +61,15 @@ class DEQCalculator(NequIPCalculator):
         warm_start: bool = True,
         extrapolate: bool = True,
         state_width: Optional[int] = None,
+        solver_limits: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.warm_start = warm_start
         self.extrapolate = extrapolate
         self.state_width = state_width
+        self.solver_limits = solver_limits
+        self.calls = 0
         self.reset_state()
 
     @classmethod
@@ -65,22 +79,24 @@ class DEQCalculator(NequIPCalculator):
         return COMPILE_TARGET_DICT[ASE_DEQ_TARGET]
 
     @classmethod
-    def from_compiled_model(cls, compile_path, device="cpu", state_width=None, **kwargs):
-        """Load a ``.nequip.pt2`` compiled with ``--target ase_deq``. ``state_width`` is read
-        from the model metadata unless given (callers that already read it pass it on)."""
-        if state_width is None:
-            metadata = torch._inductor.aoti_load_package(str(compile_path)).get_metadata()
-            target = compiled_target(metadata)
-            if STATE_WIDTH_METADATA_KEY not in metadata or target != ASE_DEQ_TARGET:
-                raise ValueError(
-                    f"{compile_path} was compiled for `--target {target}`"
-                    + ("" if STATE_WIDTH_METADATA_KEY in metadata else " and is not a DEQ model")
-                    + f": DEQCalculator needs a DEQ model compiled with `--target {ASE_DEQ_TARGET}` "
-                    "(other models: nequip's NequIPCalculator with `--target ase`)."
-                )
-            state_width = int(metadata[STATE_WIDTH_METADATA_KEY])
+    def from_compiled_model(cls, compile_path, device="cpu", **kwargs):
+        """Load a ``.nequip.pt2`` compiled with ``--target ase_deq``; the state width and the
+        solver limits come from its metadata."""
+        metadata = torch._inductor.aoti_load_package(str(compile_path)).get_metadata()
+        target = compiled_target(metadata)
+        if STATE_WIDTH_METADATA_KEY not in metadata or target != ASE_DEQ_TARGET:
+            raise ValueError(
+                f"{compile_path} was compiled for `--target {target}`"
+                + ("" if STATE_WIDTH_METADATA_KEY in metadata else " and is not a DEQ model")
+                + f": DEQCalculator needs a DEQ model compiled with `--target {ASE_DEQ_TARGET}` "
+                "(other models: nequip's NequIPCalculator with `--target ase`)."
+            )
         return super().from_compiled_model(
-            compile_path, device=device, state_width=state_width, **kwargs
+            compile_path,
+            device=device,
+            state_width=int(metadata[STATE_WIDTH_METADATA_KEY]),
+            solver_limits=solver_limits(metadata),
+            **kwargs,
         )
 
     def reset_state(self) -> None:
@@ -119,6 +135,36 @@ class DEQCalculator(NequIPCalculator):
         return out
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
+        self.calls += 1
         for key in SOLVER_STATISTICS:
             self.results[key] = out[key].detach().cpu().numpy().reshape(-1)[0]
         self.results["deq_warm"] = self._warm
+        if self.solver_limits is not None:
+            check_solves(self.results, out, self.solver_limits, self.calls)
+
+
+def check_solves(results: dict, out: AtomicDataDict.Type, limits: dict, call: int) -> None:
+    """What a compiled DEQ model cannot do itself: raise :class:`FixedPointError` on
+    non-finite energies, forces or residuals, and warn when the forward or adjoint solve of
+    call number ``call`` ended above its tolerance (``limits``: see
+    :func:`~nequip_deq._compile_targets.solver_limits`)."""
+    values = [out[AtomicDataDict.TOTAL_ENERGY_KEY], out[AtomicDataDict.FORCE_KEY]]
+    residuals = (results["deq_residual"], results["deq_adjoint_residual"])
+    if not all(bool(torch.isfinite(v).all()) for v in values) or not np.isfinite(residuals).all():
+        raise FixedPointError(
+            f"DEQ model returned non-finite values at call {call} (forward residual "
+            f"{residuals[0]:g} after {results['deq_iterations']} iterations, adjoint "
+            f"{residuals[1]:g} after {results['deq_adjoint_iterations']}): the solver diverged. "
+            "Check the structure (overlapping atoms?) and the time step."
+        )
+    for what, res, it, tol, cap in (
+        ("forward", residuals[0], results["deq_iterations"], limits["f_tol"], limits["f_max_iter"]),
+        ("adjoint", residuals[1], results["deq_adjoint_iterations"], limits["b_tol"], limits["b_max_iter"]),
+    ):
+        if res > tol:
+            warnings.warn(
+                f"DEQ {what} solve at call {call} ended at relative residual {res:.3g} above its "
+                f"tolerance {tol:g} after {int(it)} iterations (cap {cap}): energies and forces "
+                "carry that error. Recompile with a larger iteration cap (`f_max_iter`, "
+                "`b_max_iter`) or check the structure."
+            )

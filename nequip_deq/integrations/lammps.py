@@ -38,6 +38,7 @@ from .._compile_targets import (
     STATE_CACHE_METADATA_KEY,
     STATE_WIDTH_METADATA_KEY,
     compiled_target,
+    solver_limits,
 )
 
 PAIR_TARGETS = ("pair_nequip", PAIR_NEQUIP_DEQ_TARGET)
@@ -76,6 +77,12 @@ def check_pair_model(metadata: dict, lammps_elements: Sequence[str]) -> List[str
         f"LAMMPS type {i + 1} ({e}) -> model type {m} ({type_names[m]})"
         for i, (e, m) in enumerate(zip(lammps_elements, mapping))
     ]
+    limits = solver_limits(metadata)
+    if limits is not None:
+        notes.append(
+            f"DEQ solver: forward tolerance {limits['f_tol']:g} (cap {limits['f_max_iter']} "
+            f"iterations), adjoint {limits['b_tol']:g} (cap {limits['b_max_iter']})"
+        )
     if is_deq and STATE_CACHE_METADATA_KEY not in metadata:
         notes.append(
             "DEQ model without the state cache: every MD step starts the solver cold. Compile "

@@ -5,7 +5,6 @@ from typing import Optional
 from nequip.model import model_builder
 from nequip.nn.compile import CompileGraphModel
 
-from nequip_deq._compile_targets import set_state_width
 from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY
 from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
 from nequip_deq.nn.injection import INJECTIONS
@@ -168,5 +167,4 @@ def DEQEquiformerModel(
         jacobian_penalty=jacobian_penalty,
         irreps_in=encoded,
     )
-    set_state_width(arch.irreps.dim)
     return arch.energy_model(modules)

@@ -73,15 +73,31 @@ def envelope_softmax(
 
     A neighbour's weight goes continuously to 0 as it reaches the cutoff; a centre whose
     neighbours all sit at the cutoff gets all-zero weights instead of ``0/0``.
+
+    For a stable ``exp``, each centre's terms are scaled by :math:`e^{-m_i}` with
+    :math:`m_i = \\max_k (z_{ik} + \\log u_{ik})` (the softmax does not depend on it, so it
+    carries no gradient): the largest term is then exactly 1, whatever the logits of edges
+    whose envelope is (near) zero, and no term overflows
+    (:math:`u_{ik} e^{z_{ik} - m_i} \\le 1`; edges with :math:`u = 0` are left out of the
+    maximum and get weight 0; :math:`\\log u` is floored near the dtype's smallest normal
+    number).
     """
     index = edge_center.unsqueeze(-1).expand_as(logits)
-    # per-centre maximum for a stable exp; softmax does not depend on it (no gradient needed)
-    z_max = torch.zeros(
-        (num_nodes, logits.size(1)), dtype=logits.dtype, device=logits.device
-    ).scatter_reduce(0, index, logits.detach(), reduce="amax", include_self=False)
-    w = edge_cutoff * torch.exp(logits - torch.index_select(z_max, 0, edge_center))
-    denom = scatter(w, edge_center, dim=0, dim_size=num_nodes)
-    return w / torch.index_select(denom, 0, edge_center).clamp_min(1e-30)
+    tiny = 1e-300 if logits.dtype == torch.float64 else 1e-37
+    u = edge_cutoff.detach()
+    scaled = torch.where(
+        u > 0, logits.detach() + torch.log(u.clamp_min(tiny)), torch.full_like(logits, float("-inf"))
+    )
+    shift = torch.full(
+        (num_nodes, logits.size(1)), float("-inf"), dtype=logits.dtype, device=logits.device
+    ).scatter_reduce(0, index, scaled, reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    # u = 0 edges: weight 0 whatever their logit (the exponent is not evaluated for them)
+    exponent = logits - torch.index_select(shift, 0, edge_center)
+    w = edge_cutoff * torch.exp(torch.where(u > 0, exponent, torch.zeros_like(exponent)))
+    denom = torch.index_select(scatter(w, edge_center, dim=0, dim_size=num_nodes), 0, edge_center)
+    # all of a centre's neighbours at the cutoff: zero weights instead of 0/0
+    return w / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 @compile_mode("script")

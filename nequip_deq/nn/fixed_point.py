@@ -25,6 +25,7 @@ call and reused by every iteration, adjoint product and the Lagrangian.
 """
 
 import os
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -36,10 +37,15 @@ from nequip.nn import GraphModuleMixin
 from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
 
 from .. import _keys
-from .._compile_targets import STATE_CACHE_METADATA_KEY, STATE_WIDTH_METADATA_KEY, set_state_cache
+from .._compile_targets import (
+    SOLVER_METADATA_KEYS,
+    STATE_CACHE_METADATA_KEY,
+    STATE_WIDTH_METADATA_KEY,
+    announce_to_compile_targets,
+)
 from .block import EquiformerBlock
 from .injection import Injection
-from .solvers import FixedPointError, FixedPointSolvers, check_solution
+from .solvers import FixedPointError, FixedPointSolvers, check_solution, tolerance_floor
 from .state_cache import (
     CAPACITY_ENV,
     DEFAULT_CAPACITY,
@@ -68,6 +74,19 @@ def _call_mode() -> str:
 
     tracing = torch.compiler.is_compiling() or get_proxy_mode() is not None
     return "traced" if tracing else "eager"
+
+
+@torch.jit.unused
+def _warn_compiled_cold() -> None:
+    """Said while nequip-compile traces a DEQ for a target that passes no state (nequip's
+    ``ase`` or ``pair_nequip``) into a model without the state cache."""
+    warnings.warn(
+        "This DEQ model is being compiled for a target that passes it no previous fixed point "
+        "and it has no state cache: every call of the compiled model will start its solves "
+        "cold (several times the iterations of a warm-started MD step). For ASE compile with "
+        "`--target ase_deq` (run it with nequip_deq's DEQCalculator or nequip-deq-md); for "
+        "LAMMPS with `--target pair_nequip_deq --modifiers enable_DEQStateCache`."
+    )
 
 
 class _TotalEnergyGradientOnly(torch.autograd.Function):
@@ -214,8 +233,14 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
 
     @torch.jit.unused
     def _get_metadata_contributions(self) -> Dict[str, str]:
-        # the state width lets a calculator give a compiled model a cold-start state
-        out = {STATE_WIDTH_METADATA_KEY: str(self.injection.norm.irreps.dim)}
+        # the state width lets a calculator give a compiled model a cold-start state; it and
+        # the cache capacity tell the compile targets what they trace (read before tracing)
+        width = self.injection.norm.irreps.dim
+        announce_to_compile_targets(width, self.state_cache.capacity)
+        out = {STATE_WIDTH_METADATA_KEY: str(width)}
+        floor = tolerance_floor(next(self.parameters()).dtype)
+        settings = (max(self.f_tol, floor), self.f_max_iter, max(self.b_tol, floor), self.b_max_iter)
+        out.update({k: str(v) for k, v in zip(SOLVER_METADATA_KEYS, settings)})
         if self.state_cache.capacity > 0:
             out[STATE_CACHE_METADATA_KEY] = str(self.state_cache.capacity)
         return out
@@ -248,7 +273,6 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             ).to(old.state.device)
             return layer
 
-        set_state_cache(capacity)
         return replace_submodules(model, cls, factory)
 
     # ---- the DEQ function and the readout ------------------------------------------------
@@ -302,8 +326,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             batch = torch.zeros(x.size(0), dtype=torch.long, device=x.device)
         x_hat = self.injection.normalize(x)
         weights = self.edge_weights(data)
-        # float32 cannot resolve relative residuals much below 1e-6: floor the tolerances
-        floor = 2e-6 if x.dtype == torch.float32 else 0.0
+        floor = tolerance_floor(x.dtype)
         f_tol = max(self.f_tol, floor)
         b_tol = max(self.b_tol, floor)
         z0 = self._start(data, _keys.DEQ_STATE_KEY, x)
@@ -315,6 +338,8 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             and _keys.DEQ_STATE_KEY not in data
             and AtomicDataDict.POSITIONS_KEY in data  # not under LAMMPS ML-IAP
         )
+        if mode == "traced" and not use_cache and _keys.DEQ_STATE_KEY not in data:
+            _warn_compiled_cold()
         cache_hit = torch.zeros((), dtype=torch.bool, device=x.device)
         if use_cache:
             pos, types, cell = cache_inputs(data)
@@ -372,7 +397,13 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             self._store_jacobian_penalty(data, x_hat, weights, z_star)
         if use_cache:
             pos, types, cell = cache_inputs(data)
-            self.state_cache.store(pos, types, z_star, v_star, cache_hit)
+            good = (
+                (f_res <= f_tol).all()
+                & (b_res <= b_tol).all()
+                & torch.isfinite(z_star).all()
+                & torch.isfinite(v_star).all()
+            )
+            self.state_cache.store(pos, types, z_star, v_star, cache_hit, good)
         data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
         data[_keys.DEQ_STATE_KEY] = z_star.detach()
         data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()

@@ -12,7 +12,8 @@ moment later*:
 - every atom moved less than ``max_displacement`` (minimum image in the cell, so atoms that
   LAMMPS wraps back into the box at re-neighbouring still match),
 
-and from zeros (cold start) otherwise. Because the solvers iterate to their tolerance from
+and from zeros (cold start) otherwise. A call whose solves did not converge, or whose states
+are not finite, leaves nothing to start from: the next call starts cold. Because the solvers iterate to their tolerance from
 any start, results depend on the history only within the solver tolerance; the cache changes
 how many iterations a step costs, not what it returns.
 
@@ -125,10 +126,18 @@ class DEQStateCache(torch.nn.Module):
         return z0, v0, hit
 
     def store(
-        self, pos: torch.Tensor, types: torch.Tensor, z: torch.Tensor, v: torch.Tensor, hit: torch.Tensor
+        self,
+        pos: torch.Tensor,
+        types: torch.Tensor,
+        z: torch.Tensor,
+        v: torch.Tensor,
+        hit: torch.Tensor,
+        good: torch.Tensor,
     ) -> None:
-        """Keep this call's system and solutions (``hit``: from :meth:`lookup`); a system
-        larger than the capacity is marked unmatchable."""
+        """Keep this call's system and solutions (``hit``: from :meth:`lookup`). A system
+        larger than the capacity, or solutions that are not ``good`` (0-dim bool: both solves
+        converged, all values finite), are marked unmatchable: the next call starts cold
+        instead of from them."""
         n = pos.shape[0]
         rows, _ = self._rows(n, pos.device)
         self.state_prev.index_copy_(0, rows, self.state.index_select(0, rows))
@@ -139,7 +148,7 @@ class DEQStateCache(torch.nn.Module):
         self.types.index_copy_(0, rows, types)
         self.positions.index_copy_(0, rows, pos.detach().to(torch.float64))
         size = torch.full_like(self.num_atoms, n)
-        self.num_atoms.copy_(torch.where(size <= self.capacity, size, -1))
+        self.num_atoms.copy_(torch.where((size <= self.capacity) & good, size, -1))
 
 
 def _minimum_image(move: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:

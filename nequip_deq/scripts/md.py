@@ -5,11 +5,15 @@ Examples::
     nequip-deq-md model.nequip.pt2                       # NVE, aspirin from the bundled data
     nequip-deq-md model.nequip.pt2 --structure mol.xyz --ensemble nvt --temperature 500
 
-Writes ``<out>/md.traj`` (ASE trajectory, every ``--write-every`` steps), ``<out>/md.log``
-(ASE's MD log) and prints the total-energy drift.
+Prints a line every ``--print-every`` steps (time, temperature, total energy, ms per step and,
+for DEQ models, solver iterations); writes ``<out>/md.traj`` (ASE trajectory, every
+``--write-every`` steps), ``<out>/md.log`` (ASE's MD log), ``<out>/steps.csv`` (every step),
+``<out>/md_energies.png`` (total and potential energy against time) and, for DEQ models,
+``<out>/deq_iterations.png``; at the end it prints the total-energy drift.
 """
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -94,8 +98,7 @@ def load_calculator(model: str, device: str):
                 model, device=device, chemical_species_to_atom_type_map=True
             )
         return DEQCalculator.from_compiled_model(
-            model, device=device, chemical_species_to_atom_type_map=True,
-            state_width=int(metadata[STATE_WIDTH_METADATA_KEY]),
+            model, device=device, chemical_species_to_atom_type_map=True
         )
     if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(
@@ -119,8 +122,13 @@ def run_md(
     out_dir: Path,
     write_every: int = 10,
     seed: int = 0,
+    print_every: int = 50,
 ) -> dict:
-    """Run MD and return a summary (energy drift in eV/atom, wall time per step)."""
+    """Run MD, print a line every ``print_every`` steps, write ``steps.csv`` (one row per
+    step), ``md_energies.png`` and, for DEQ models, ``deq_iterations.png``; return a summary
+    (energy drift in eV/atom, wall time per step)."""
+    from nequip_deq import plots
+
     out_dir.mkdir(parents=True, exist_ok=True)
     atoms.calc = calculator
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
@@ -139,21 +147,54 @@ def run_md(
     traj = Trajectory(str(out_dir / "md.traj"), "w", atoms)
     dyn.attach(traj.write, interval=write_every)
     dyn.attach(MDLogger(dyn, atoms, str(out_dir / "md.log"), header=True, peratom=True), interval=write_every)
-    energies, solver = [], []
+    rows = []
+    clock = [time.perf_counter()]
 
     def record():
-        energies.append(atoms.get_total_energy())
+        now = time.perf_counter()
+        row = {
+            "step": dyn.nsteps,
+            "time_fs": dyn.nsteps * timestep_fs,
+            "temperature_K": atoms.get_temperature(),
+            "total_energy_eV": atoms.get_total_energy(),
+            "potential_energy_eV": atoms.get_potential_energy(),
+            "ms_per_step": 1000 * (now - clock[0]),
+        }
+        clock[0] = now
         if "deq_iterations" in calculator.results:  # DEQ models: solver iterations per step
-            solver.append((calculator.results["deq_iterations"], calculator.results["deq_adjoint_iterations"]))
+            row["deq_iterations"] = int(calculator.results["deq_iterations"])
+            row["deq_adjoint_iterations"] = int(calculator.results["deq_adjoint_iterations"])
+        rows.append(row)
+        if print_every and (dyn.nsteps % print_every == 0):
+            recent = rows[-print_every:] if dyn.nsteps > 0 else rows
+            line = (
+                f"step {dyn.nsteps:6d} | {row['time_fs']:8.1f} fs | T {row['temperature_K']:6.1f} K | "
+                f"E_total {row['total_energy_eV']:.4f} eV | "
+                f"{np.mean([r['ms_per_step'] for r in recent]):.1f} ms/step"
+            )
+            if "deq_iterations" in row:
+                line += (
+                    f" | DEQ iterations {np.mean([r['deq_iterations'] for r in recent]):.1f} + "
+                    f"{np.mean([r['deq_adjoint_iterations'] for r in recent]):.1f}"
+                )
+            print(line, flush=True)
 
     dyn.attach(record, interval=1)
     start = time.perf_counter()
     dyn.run(steps)
     elapsed = time.perf_counter() - start
     traj.close()
-    energies = np.array(energies)
+    with open(out_dir / "steps.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    energies = np.array([r["total_energy_eV"] for r in rows])
     if not np.all(np.isfinite(energies)):
         raise RuntimeError("MD produced non-finite energies; check the model and the time step")
+    plots.md_energies(
+        [r["time_fs"] for r in rows], energies, [r["potential_energy_eV"] for r in rows],
+        len(atoms), out_dir / "md_energies.png",
+    )
     summary = {
         "steps": steps,
         "seconds_per_step": elapsed / steps,
@@ -161,10 +202,16 @@ def run_md(
         "energy_fluctuation_eV_per_atom": float(energies.std()) / len(atoms),
         "trajectory": str(out_dir / "md.traj"),
         "log": str(out_dir / "md.log"),
+        "steps_csv": str(out_dir / "steps.csv"),
     }
-    if solver:
-        summary["deq_iterations_per_step"] = float(np.mean([f for f, _ in solver[1:]]))
-        summary["deq_adjoint_iterations_per_step"] = float(np.mean([b for _, b in solver[1:]]))
+    if "deq_iterations" in rows[0]:
+        later = rows[1:]  # the first call starts cold
+        summary["deq_iterations_per_step"] = float(np.mean([r["deq_iterations"] for r in later]))
+        summary["deq_adjoint_iterations_per_step"] = float(np.mean([r["deq_adjoint_iterations"] for r in later]))
+        plots.solver_iterations(
+            [r["step"] for r in rows], [r["deq_iterations"] for r in rows],
+            [r["deq_adjoint_iterations"] for r in rows], out_dir / "deq_iterations.png",
+        )
     return summary
 
 
@@ -177,18 +224,24 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=300.0, help="K, initial velocities (and NVT bath)")
     parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nve")
     parser.add_argument("--out", default="md_output", help="output directory")
-    parser.add_argument("--write-every", type=int, default=10)
+    parser.add_argument("--write-every", type=int, default=10, help="trajectory and log interval (steps)")
+    parser.add_argument("--print-every", type=int, default=50, help="progress line interval (steps; 0: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     calc = load_calculator(args.model, args.device)
+    limits = getattr(calc, "solver_limits", None)
+    if limits is not None:
+        print(f"DEQ solver: forward tolerance {limits['f_tol']:g} (cap {limits['f_max_iter']} "
+              f"iterations), adjoint {limits['b_tol']:g} (cap {limits['b_max_iter']}); a solve "
+              "that ends above its tolerance is reported with its step")
     atoms = load_structure(args.structure)
     check_elements(atoms, calc)
     give_molecule_a_cell(atoms)
     summary = run_md(
         atoms, calc, args.steps, args.timestep, args.temperature, args.ensemble,
-        Path(args.out), args.write_every, args.seed,
+        Path(args.out), args.write_every, args.seed, args.print_every,
     )
     print(f"MD ({args.ensemble}, {len(atoms)} atoms, {summary['steps']} steps of {args.timestep} fs): "
           f"{1000 * summary['seconds_per_step']:.1f} ms/step, "
@@ -198,7 +251,9 @@ def main(argv=None):
         print(f"DEQ solver (warm-started): {summary['deq_iterations_per_step']:.1f} forward + "
               f"{summary['deq_adjoint_iterations_per_step']:.1f} adjoint iterations per step")
     print(f"trajectory: {summary['trajectory']}")
-    print(f"log:        {summary['log']}")
+    print(f"log:        {summary['log']}, every step: {summary['steps_csv']}")
+    figures = ["md_energies.png"] + (["deq_iterations.png"] if "deq_iterations_per_step" in summary else [])
+    print(f"figures:    {', '.join(str(Path(args.out) / f) for f in figures)}")
     return 0
 
 

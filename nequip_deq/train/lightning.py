@@ -26,7 +26,9 @@ class _DEQTraining:
     - ``jacobian_penalty_weight`` :math:`\\lambda > 0` adds
       :math:`\\lambda\\,\\|\\partial f/\\partial z\\|_F^2/\\dim z` (Hutchinson estimate at
       :math:`z^*`) to the training loss, which keeps :math:`f` contractive (the model must be
-      built with ``jacobian_penalty: true``).
+      built with ``jacobian_penalty: true``), on every ``jacobian_penalty_every``-th training
+      step (its estimate costs a second-order backward pass through :math:`f`); with weight 0
+      the estimate is not computed at all.
     - ``warm_start_training``: start every training frame's solves from its fixed point of
       the previous epoch (:mod:`~nequip_deq.train.fixed_point_store`; needs the
       ``frame_index`` field that :class:`~nequip_deq.data.MD17DataModule` provides), logging
@@ -41,6 +43,7 @@ class _DEQTraining:
     def _init_deq(
         self,
         jacobian_penalty_weight: float,
+        jacobian_penalty_every: int,
         warm_start_training: bool,
         train_tol: Optional[float],
     ) -> None:
@@ -48,6 +51,12 @@ class _DEQTraining:
             raise ValueError(
                 f"`jacobian_penalty_weight={jacobian_penalty_weight}` must be >= 0 (e.g. 1.0)."
             )
+        if int(jacobian_penalty_every) != jacobian_penalty_every or jacobian_penalty_every < 1:
+            raise ValueError(
+                f"`jacobian_penalty_every={jacobian_penalty_every}` must be a whole number of "
+                "training steps >= 1 (1: every step)."
+            )
+        self.jacobian_penalty_every = int(jacobian_penalty_every)
         if train_tol is not None and not 0.0 < train_tol < 1.0:
             raise ValueError(
                 f"`train_tol={train_tol}` must be a relative tolerance in (0, 1), e.g. 1e-3, "
@@ -89,20 +98,25 @@ class _DEQTraining:
                     "adds it; with another data module, add a per-frame integer `frame_index`."
                 )
         layers = [m for m in self.model.modules() if isinstance(m, DEQEquiformerLayer)]
-        saved = [(m.f_tol, m.b_tol, m.grad_tol) for m in layers]
-        if self.train_tol is not None:
-            for m in layers:
+        saved = [(m.f_tol, m.b_tol, m.grad_tol, m.jacobian_penalty) for m in layers]
+        penalty_step = (
+            self.jacobian_penalty_weight > 0
+            and self.global_step % self.jacobian_penalty_every == 0
+        )
+        for m in layers:
+            if self.train_tol is not None:
                 m.f_tol = m.b_tol = m.grad_tol = self.train_tol
+            m.jacobian_penalty = m.jacobian_penalty and penalty_step
         try:
             loss = super().training_step(batch, batch_idx, dataloader_idx)
         finally:
-            for m, tols in zip(layers, saved):
-                m.f_tol, m.b_tol, m.grad_tol = tols
+            for m, settings in zip(layers, saved):
+                m.f_tol, m.b_tol, m.grad_tol, m.jacobian_penalty = settings
         output = self._deq_output
         if store is not None:
             store.remember(batch, output)
         self._log_deq("train", output)
-        if self.jacobian_penalty_weight > 0:
+        if penalty_step:
             penalties = [
                 m.last_jacobian_penalty
                 for m in self.model.modules()
@@ -152,6 +166,7 @@ class DEQLightningModule(_DEQTraining, NequIPLightningModule):
 
     Args:
         jacobian_penalty_weight (float): weight of the Jacobian penalty (default 0: off)
+        jacobian_penalty_every (int): compute it on every this many training steps (default 1)
         warm_start_training (bool): start each training frame's solves from its previous
             fixed point (default ``False``)
         train_tol (float): tolerance of all solves in training steps (default ``None``: the
@@ -163,12 +178,15 @@ class DEQLightningModule(_DEQTraining, NequIPLightningModule):
         self,
         *args,
         jacobian_penalty_weight: float = 0.0,
+        jacobian_penalty_every: int = 1,
         warm_start_training: bool = False,
         train_tol: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_deq(jacobian_penalty_weight, warm_start_training, train_tol)
+        self._init_deq(
+            jacobian_penalty_weight, jacobian_penalty_every, warm_start_training, train_tol
+        )
 
 
 class DEQEMALightningModule(_DEQTraining, EMALightningModule):
@@ -179,9 +197,12 @@ class DEQEMALightningModule(_DEQTraining, EMALightningModule):
         self,
         *args,
         jacobian_penalty_weight: float = 0.0,
+        jacobian_penalty_every: int = 1,
         warm_start_training: bool = False,
         train_tol: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self._init_deq(jacobian_penalty_weight, warm_start_training, train_tol)
+        self._init_deq(
+            jacobian_penalty_weight, jacobian_penalty_every, warm_start_training, train_tol
+        )
