@@ -5,8 +5,8 @@ eager: outputs and parameter gradients of a force-loss training step, and the ti
 
 Quickstart width (32x0e+16x1o+8x2e), a batch of 5 rMD17 aspirin frames, float32. nequip itself
 runs its train-time-compile tests on GPUs only ("known compilation bugs ... on CPU"); this
-script tells what happens on the machine it runs on. DEQEquiformerModel refuses
-``compile_mode: compile`` at build time (the solvers' exact gradient cannot be traced).
+script tells what happens on the machine it runs on. DEQEquiformerModel builds its eager model
+for ``compile_mode: compile``, with a warning (the solvers' exact gradient cannot be traced).
 """
 
 import argparse

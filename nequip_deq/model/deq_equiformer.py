@@ -3,27 +3,13 @@
 from typing import Optional
 
 from nequip.model import model_builder
-from nequip.nn.compile import CompileGraphModel
 
 from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY
 from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
+from nequip_deq.nn.graph_model import EagerForTrainTimeCompile
 from nequip_deq.nn.injection import INJECTIONS
 
 from .architecture import EquiformerArchitecture, InvalidModelConfig, with_architecture_args
-
-
-class NoTrainTimeCompile(CompileGraphModel):
-    """nequip's ``compile_mode: compile`` wrapper, refused for DEQ models (at build time,
-    before any training): the traced model cannot run the solvers' data-dependent loops with
-    the exact training gradient."""
-
-    def __init__(self, *args, **kwargs):
-        raise InvalidModelConfig(
-            "DEQEquiformerModel does not support `compile_mode: compile` (train-time "
-            "compilation): tracing cannot keep the exact implicit training gradient (a "
-            "backward fixed-point solve). Remove `compile_mode` or set it to `eager`; "
-            "compile the trained model for deployment with nequip-compile."
-        )
 
 
 def check_deq_args(
@@ -71,7 +57,7 @@ def check_deq_args(
         )
 
 
-@model_builder(compile_wrapper_class=NoTrainTimeCompile)
+@model_builder(compile_wrapper_class=EagerForTrainTimeCompile)
 @with_architecture_args
 def DEQEquiformerModel(
     num_deq_layers: int = 1,

@@ -37,7 +37,7 @@ def predict(calculator, frames):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nequip-deq-report", description=__doc__.split("\n")[0])
-    parser.add_argument("train_dir", help="nequip-train run directory (holds metrics/version_0/metrics.csv)")
+    parser.add_argument("train_dir", help="nequip-train run directory (its CSV logger's metrics.csv is found below it)")
     parser.add_argument("--model", required=True, help="compiled (.nequip.pt2), packaged or checkpoint model")
     parser.add_argument("--test-data", default=DEFAULT_STRUCTURE,
                         help="rMD17/sGDML npz file (or bundled npz name) with the test frames (default: bundled aspirin test frames)")
@@ -49,9 +49,13 @@ def main(argv=None):
 
     train_dir = Path(args.train_dir)
     out = Path(args.out or train_dir)
-    metrics = train_dir / "metrics" / "version_0" / "metrics.csv"
-    if not metrics.is_file():
-        parser.error(f"{metrics} not found: give the directory nequip-train ran in (hydra.run.dir)")
+    found = sorted(train_dir.rglob("metrics.csv"), key=lambda f: f.stat().st_mtime)
+    if not found:
+        parser.error(
+            f"no metrics.csv under {train_dir}: give the directory nequip-train ran in "
+            "(hydra.run.dir) with a CSVLogger, as the shipped configs set up"
+        )
+    metrics = found[-1]  # the newest run's
     curve = plots.learning_curve(metrics, out / "learning_curve.png")
 
     path = Path(args.test_data)

@@ -133,6 +133,9 @@ class _DEQTraining:
                     m.last_jacobian_penalty = None
             self.log("train_deq/jacobian_penalty", penalty.detach())
             loss = loss + self.jacobian_penalty_weight * penalty * self.world_size
+        if self.jacobian_penalty_weight > 0:
+            # which steps computed it (between them the logged penalty keeps its last value)
+            self.log("train_deq/jacobian_penalty_step", float(penalty_step))
         self._deq_output = None
         return loss
 
