@@ -107,7 +107,8 @@ def load_calculator(model: str, device: str):
     calc = NequIPCalculator._from_saved_model(
         model, device=device, chemical_species_to_atom_type_map=True
     )
-    if any(isinstance(m, DEQEquiformerLayer) for m in calc.model.modules()):
+    # by class name: a packaged model (.nequip.zip) carries its own copy of the class
+    if any(type(m).__name__ == DEQEquiformerLayer.__name__ for m in calc.model.modules()):
         return DEQCalculator(calc.model, device=device, transforms=calc.transforms)
     return calc
 
