@@ -100,31 +100,30 @@ def md_energies(
 ) -> Path:
     """Total and potential energy per atom (meV, relative to the first step) over an MD run:
     in NVE the total energy must stay flat."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    t = np.asarray(time_fs)
-    for values, label in ((total, "total"), (potential, "potential")):
-        e = 1000 * (np.asarray(values) - values[0]) / num_atoms
-        ax.plot(t, e, label=label, lw=1)
-    ax.set_xlabel("time (fs)")
-    ax.set_ylabel("energy − energy at t = 0 (meV/atom)")
-    ax.set_title("MD energies")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    curves = {
+        label: 1000 * (np.asarray(values) - values[0]) / num_atoms
+        for values, label in ((total, "total"), (potential, "potential"))
+    }
+    return _lines(time_fs, curves, "time (fs)", "energy − energy at t = 0 (meV/atom)", "MD energies", path)
 
 
 def solver_iterations(
     steps: Sequence[int], forward: Sequence[float], adjoint: Sequence[float], path: Path
 ) -> Path:
     """DEQ forward and adjoint solver iterations per MD step (the first step starts cold)."""
+    curves = {"forward": forward, "adjoint": adjoint}
+    return _lines(steps, curves, "MD step", "iterations", "DEQ solver iterations per MD step", path)
+
+
+def _lines(x, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """One line per entry of ``curves`` (label -> values) against ``x``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(steps, forward, label="forward", lw=1)
-    ax.plot(steps, adjoint, label="adjoint", lw=1)
-    ax.set_xlabel("MD step")
-    ax.set_ylabel("iterations")
-    ax.set_title("DEQ solver iterations per MD step")
+    for label, values in curves.items():
+        ax.plot(x, values, label=label, lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
