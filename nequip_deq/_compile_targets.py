@@ -2,8 +2,9 @@
 ``pair_nequip_deq`` (LAMMPS ``pair_style nequip`` with the in-model state cache).
 
 A compiled model takes ``deq_state`` / ``deq_adjoint_state`` (``(N, X)``: the previous
-step's fixed point and adjoint; zeros = cold start) and returns the new ones together with the
-solver statistics, so that :class:`nequip_deq.integrations.ase.DEQCalculator` can warm-start
+step's fixed point and adjoint; zeros = cold start) and ``deq_tolerance`` (``(1, 2)``: the
+forward and adjoint tolerances of the call, so that one compiled model serves every
+tolerance) and returns the new states together with the solver statistics, so that :class:`nequip_deq.integrations.ase.DEQCalculator` can warm-start
 every MD step. The state width ``X`` is the model's; DEQ layers report it in the model metadata
 (``deq_state_width``) and, when nequip-compile reads that metadata, tells these targets
 (:func:`announce_model`) so that the example data used for tracing carries states of the
@@ -28,7 +29,7 @@ from nequip.scripts._compile_utils import (
     single_frame_data_settings,
 )
 
-from ._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, SOLVER_STATISTICS
+from ._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY, SOLVER_STATISTICS
 
 ASE_DEQ_TARGET = "ase_deq"
 PAIR_NEQUIP_DEQ_TARGET = "pair_nequip_deq"
@@ -89,13 +90,14 @@ def _data_settings(data: AtomicDataDict.Type) -> AtomicDataDict.Type:
     # distinct tensors: export merges inputs that are the same object
     data[DEQ_STATE_KEY] = torch.zeros(num_atoms, width, dtype=dtype)
     data[DEQ_ADJOINT_STATE_KEY] = torch.zeros(num_atoms, width, dtype=dtype)
+    data[DEQ_TOLERANCE_KEY] = torch.full((1, 2), 1e-4, dtype=dtype)
     return data
 
 
 register_compile_targets(
     {
         ASE_DEQ_TARGET: {
-            "input": PAIR_NEQUIP_INPUTS + [DEQ_STATE_KEY, DEQ_ADJOINT_STATE_KEY],
+            "input": PAIR_NEQUIP_INPUTS + [DEQ_STATE_KEY, DEQ_ADJOINT_STATE_KEY, DEQ_TOLERANCE_KEY],
             "output": ASE_OUTPUTS
             + [DEQ_STATE_KEY, DEQ_ADJOINT_STATE_KEY]
             + list(SOLVER_STATISTICS),

@@ -7,6 +7,7 @@ from ._keys import (
     ADJOINT_ITERATIONS_KEY,
     DEQ_ADJOINT_STATE_KEY,
     DEQ_STATE_KEY,
+    DEQ_TOLERANCE_KEY,
     FRAME_INDEX_KEY,
     SOLVER_ITERATIONS_KEY,
     SOLVER_STATISTICS,
@@ -14,6 +15,6 @@ from ._keys import (
 
 register_fields(
     node_fields=[DEQ_STATE_KEY, DEQ_ADJOINT_STATE_KEY],
-    graph_fields=list(SOLVER_STATISTICS) + [FRAME_INDEX_KEY],
+    graph_fields=list(SOLVER_STATISTICS) + [FRAME_INDEX_KEY, DEQ_TOLERANCE_KEY],
     long_fields=[SOLVER_ITERATIONS_KEY, ADJOINT_ITERATIONS_KEY, FRAME_INDEX_KEY],
 )

@@ -8,6 +8,10 @@ from typing import Final
 DEQ_STATE_KEY: Final[str] = "deq_state"
 DEQ_ADJOINT_STATE_KEY: Final[str] = "deq_adjoint_state"
 
+# graph field, (num_frames, 2): forward and adjoint tolerances of this call, overriding the
+# model's f_tol / b_tol (an input of models compiled for ase_deq: DEQCalculator(tolerance=...))
+DEQ_TOLERANCE_KEY: Final[str] = "deq_tolerance"
+
 # graph fields, (num_frames,): solver statistics of this call
 SOLVER_ITERATIONS_KEY: Final[str] = "deq_iterations"  # forward fixed-point iterations
 SOLVER_RESIDUAL_KEY: Final[str] = "deq_residual"  # final relative residual of the forward solve

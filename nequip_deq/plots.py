@@ -104,7 +104,7 @@ def md_energies(
         label: 1000 * (np.asarray(values) - values[0]) / num_atoms
         for values, label in ((total, "total"), (potential, "potential"))
     }
-    return _lines(time_fs, curves, "time (fs)", "energy − energy at t = 0 (meV/atom)", "MD energies", path)
+    return line_plot(time_fs, curves, "time (fs)", "energy − energy at t = 0 (meV/atom)", "MD energies", path)
 
 
 def solver_iterations(
@@ -112,15 +112,21 @@ def solver_iterations(
 ) -> Path:
     """DEQ forward and adjoint solver iterations per MD step (the first step starts cold)."""
     curves = {"forward": forward, "adjoint": adjoint}
-    return _lines(steps, curves, "MD step", "iterations", "DEQ solver iterations per MD step", path)
+    return line_plot(steps, curves, "MD step", "iterations", "DEQ solver iterations per MD step", path)
 
 
-def _lines(x, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str, path: Path) -> Path:
-    """One line per entry of ``curves`` (label -> values) against ``x``."""
+def line_plot(x, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str, path: Path,
+              log_y: bool = False, log_x: bool = False, marker: str = "") -> Path:
+    """One line per entry of ``curves`` (label -> values) against ``x`` (``None``: each
+    against its own index)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for label, values in curves.items():
-        ax.plot(x, values, label=label, lw=1)
+        ax.plot(np.arange(len(values)) if x is None else x, values, marker, label=label, lw=1)
+    if log_y:
+        ax.set_yscale("log")
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

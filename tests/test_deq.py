@@ -265,6 +265,92 @@ def test_solver_limits_are_recorded_for_compiled_models(dtype):
     assert limits == {"f_tol": f_tol, "f_max_iter": 33, "b_tol": 1e-4, "b_max_iter": 44}
 
 
+def test_deploy_time_tolerances(monkeypatch):
+    """set_DEQSolverTolerances changes a trained model's solver settings for deployment, from
+    arguments or (as nequip-compile's --modifiers passes none) from NEQUIP_DEQ_* variables,
+    and the metadata a compiled model records follows; bad or missing values are refused."""
+    from nequip.model.modify_utils import modify
+
+    model = modify(build("float64", f_tol=1e-8), [{"modifier": "set_DEQSolverTolerances", "f_tol": 1e-3}])
+    assert solver_limits(deq_layer(model)._get_metadata_contributions())["f_tol"] == 1e-3
+    monkeypatch.setenv("NEQUIP_DEQ_B_TOL", "2e-4")
+    monkeypatch.setenv("NEQUIP_DEQ_F_MAX_ITER", "170")
+    model = modify(build("float64"), [{"modifier": "set_DEQSolverTolerances"}])
+    limits = solver_limits(deq_layer(model)._get_metadata_contributions())
+    assert (limits["b_tol"], limits["f_max_iter"], limits["f_tol"]) == (2e-4, 170, TOL["float64"])
+    loose = calculator(model)
+    loose.get_forces(rattled("CH3CH2OH", 0))
+    assert loose.results["deq_adjoint_residual"] <= 2e-4 and loose.results["deq_residual"] <= TOL["float64"]
+    monkeypatch.setenv("NEQUIP_DEQ_F_TOL", "tight")
+    with pytest.raises(ValueError, match="NEQUIP_DEQ_F_TOL='tight' is not a float"):
+        modify(build("float64"), [{"modifier": "set_DEQSolverTolerances"}])
+    for name in ("NEQUIP_DEQ_F_TOL", "NEQUIP_DEQ_B_TOL", "NEQUIP_DEQ_F_MAX_ITER"):
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="got no setting.*NEQUIP_DEQ_F_TOL"):
+        modify(build("float64"), [{"modifier": "set_DEQSolverTolerances"}])
+    with pytest.raises(ValueError, match="b_tol = -1.0 must be > 0"):
+        modify(build("float64"), [{"modifier": "set_DEQSolverTolerances", "b_tol": -1.0}])
+
+
+def test_tolerance_per_call():
+    """DEQCalculator(tolerance=...) sets the tolerance of every call without touching the
+    model: looser solves take fewer iterations and give the model's forces within it; a
+    tolerance that is not a positive number is refused."""
+    model = build("float64", f_tol=1e-10, b_tol=1e-10)
+    atoms = rattled("CH3CH2OH", 0)
+    tight = calculator(model, warm_start=False)
+    loose = DEQCalculator(model, device="cpu", warm_start=False, tolerance=1e-3,
+                          transforms=[mapper(), NeighborListTransform(r_max=R_MAX)])
+    reference = tight.get_forces(atoms.copy())
+    forces = loose.get_forces(atoms.copy())
+    assert loose.results["deq_residual"] <= 1e-3 and loose.results["deq_adjoint_residual"] <= 1e-3
+    assert loose.results["deq_iterations"] < tight.results["deq_iterations"]
+    np.testing.assert_allclose(forces, reference, atol=1e-2 * np.abs(reference).max(), rtol=0)
+    assert deq_layer(model).f_tol == 1e-10
+    with pytest.raises(ValueError, match="tolerance -0.1 must be > 0"):
+        DEQCalculator(model, device="cpu", tolerance=-0.1)
+
+
+def test_starting_point_extrapolations():
+    """Each scheme reproduces the polynomials it is exact for, drops to the order the history
+    allows, and an unknown name is refused."""
+    from nequip_deq.integrations.ase import extrapolate
+
+    t = torch.arange(4.0)
+    history = [((2 + 3 * t[i] + t[i] ** 2) * torch.ones(2), -(t[i] ** 2) * torch.ones(2)) for i in (2, 1, 0)]
+    target = 2 + 3 * 3.0 + 9.0
+    assert torch.allclose(extrapolate(history, "quadratic")[0], torch.full((2,), target))
+    assert torch.allclose(extrapolate(history, "quadratic")[1], torch.full((2,), -9.0))
+    assert torch.allclose(extrapolate(history, "linear")[0], torch.full((2,), 2 * 12.0 - 6.0))
+    assert torch.allclose(extrapolate(history, "previous")[0], torch.full((2,), 12.0))
+    aspc = extrapolate(history, "aspc")[0]  # exact to first order: between previous and quadratic
+    assert 12.0 < float(aspc[0]) < target
+    assert torch.allclose(extrapolate(history[:2], "quadratic")[0], torch.full((2,), 18.0))
+    assert torch.allclose(extrapolate(history[:1], "aspc")[0], torch.full((2,), 12.0))
+    with pytest.raises(ValueError, match="extrapolation 'cubic'"):
+        DEQCalculator(build("float64"), device="cpu", extrapolation="cubic")
+
+
+def test_tf32_raises_the_float32_tolerance_floor():
+    """With TF32 matrix products (nequip-compile --tf32, nequip's TF32 scheduler) a float32
+    solve cannot reach 1e-4 reliably: the tolerance is floored at 1e-3, in the solves and in
+    the limits a compiled model records."""
+    from nequip_deq.nn.solvers import tolerance_floor
+
+    assert tolerance_floor(torch.float32) == 2e-6 and tolerance_floor(torch.float64) == 0.0
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what allow_tf32 = True sets
+    try:
+        assert tolerance_floor(torch.float32) == 1e-3 and tolerance_floor(torch.float64) == 0.0
+        model = build("float32", f_tol=1e-4, b_tol=1e-4)
+        assert solver_limits(deq_layer(model)._get_metadata_contributions())["f_tol"] == 1e-3
+        calc = calculator(model, warm_start=False)
+        calc.get_forces(rattled("CH3CH2OH", 0))
+        assert 1e-4 < max(calc.results["deq_residual"], calc.results["deq_adjoint_residual"]) <= 1e-3
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def test_compiled_solves_are_checked_by_the_calculator():
     """A compiled model can neither warn nor raise: DEQCalculator checks each call's results
     against the recorded limits, names the call, and raises on non-finite values."""
@@ -293,7 +379,7 @@ def test_compiling_without_state_says_every_call_starts_cold(monkeypatch):
     monkeypatch.setattr(fixed_point, "_call_mode", lambda: "traced")
     # torch.while_loop runs only under export: the eager loops stand in for the traced ones
     monkeypatch.setattr(DEQEquiformerLayer, "_iterate_traced", DEQEquiformerLayer._iterate)
-    monkeypatch.setattr(DEQEquiformerLayer, "_adjoint_traced", DEQEquiformerLayer._adjoint)
+    monkeypatch.setattr(DEQEquiformerLayer, "_adjoint_traced", lambda self, *a: DEQEquiformerLayer._adjoint(self, *a)[:3])
     model = build("float64", f_tol=1e-6, b_tol=1e-6)
     data = graph(rattled("CH3CHO", 0))
     with pytest.warns(UserWarning, match=r"start its solves cold.*--target ase_deq.*enable_DEQStateCache"):

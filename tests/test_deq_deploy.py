@@ -151,8 +151,9 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
     assert isinstance(eager, DEQCalculator)
     # the compiled model's solver limits reach the calculator, which checks every call
     layer = next(m for m in eager.model.modules() if isinstance(m, DEQEquiformerLayer))
-    assert fast.solver_limits == {"f_tol": 1e-5, "f_max_iter": layer.f_max_iter,
-                                  "b_tol": 1e-5, "b_max_iter": layer.b_max_iter}
+    assert fast.solver_limits == {"f_tol": 1e-5, "f_max_iter": layer.f_max_iter, "b_tol": 1e-5,
+                                  "b_max_iter": layer.b_max_iter, "model_dtype": "float32",
+                                  "allow_tf32": "0"}
     cold_iters, warm_iters = [], []
     for i, atoms in enumerate(trajectory(6)):
         atoms.center(vacuum=10.0)  # a dummy box, as nequip-deq-md does (finite stress)
@@ -169,6 +170,19 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
         (warm_iters if i > 0 else cold_iters).append(its)
     # the compiled solve stops at the tolerance, so a warm start saves iterations
     assert np.mean(warm_iters) < 0.6 * cold_iters[0], (cold_iters, warm_iters)
+    # one compiled model, any tolerance, passed with each call; warm steps at a loose tolerance
+    # finish the adjoint within the products on the shared recording of f (no loop trip)
+    loose = DEQCalculator.from_compiled_model(str(compiled), tolerance=1e-2, chemical_species_to_atom_type_map=True)
+    loose_eager = load_calculator(str(trained / "best.ckpt"), "cpu")
+    loose_eager.tolerances = (1e-2, 1e-2)
+    for i, atoms in enumerate(trajectory(5)):
+        atoms.center(vacuum=10.0)
+        forces = loose.get_forces(atoms.copy())
+        np.testing.assert_allclose(forces, loose_eager.get_forces(atoms.copy()), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(forces, eager.get_forces(atoms.copy()), atol=0.05, rtol=0)
+        assert loose.results["deq_residual"] <= 1e-2 and loose.results["deq_adjoint_residual"] <= 1e-2
+        assert loose.results["deq_adjoint_iterations"] == loose_eager.results["deq_adjoint_iterations"]
+    assert loose.results["deq_adjoint_iterations"] <= 3, loose.results
 
 
 @pytest.mark.slow

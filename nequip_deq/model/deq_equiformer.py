@@ -4,7 +4,7 @@ from typing import Optional
 
 from nequip.model import model_builder
 
-from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY
+from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY
 from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
 from nequip_deq.nn.graph_model import EagerForTrainTimeCompile
 from nequip_deq.nn.injection import INJECTIONS
@@ -129,7 +129,9 @@ def DEQEquiformerModel(
     )
     arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs)
     modules = arch.encoder(
-        extra_inputs={DEQ_STATE_KEY: arch.irreps, DEQ_ADJOINT_STATE_KEY: arch.irreps}
+        extra_inputs={
+            DEQ_STATE_KEY: arch.irreps, DEQ_ADJOINT_STATE_KEY: arch.irreps, DEQ_TOLERANCE_KEY: None
+        }
     )
     encoded = modules["edge_degree_embed"].irreps_out
     output_block = arch.output_block(encoded)

@@ -89,6 +89,15 @@ def _warn_compiled_cold() -> None:
     )
 
 
+@torch.jit.unused
+def _call_tolerances(given: torch.Tensor, floor: float) -> Tuple[float, float]:
+    """Forward and adjoint tolerances per frame, ``(num_frames,)`` each, from the
+    ``deq_tolerance`` input ``(num_frames, 2)``, floored for the dtype. (Tensors, although
+    annotated as floats for TorchScript, which never reads this input.)"""
+    given = given.reshape(-1, 2).clamp_min(floor)
+    return given[:, 0], given[:, 1]
+
+
 class _TotalEnergyGradientOnly(torch.autograd.Function):
     """Identity on per-atom energies ``(N, 1)`` whose backward refuses gradients that are not
     the same for all atoms of a frame: only the gradient of the *total* energy is exact."""
@@ -126,7 +135,8 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
 
     Reads ``node_features`` (the encoder output :math:`x`, irreps ``X``) and optionally the
     starting points ``deq_state`` / ``deq_adjoint_state`` (``(N, X)``; used when their shape
-    matches, else zeros = cold start). Writes ``per_atom_energy`` (the Lagrangian of the module
+    matches, else zeros = cold start) and per-call tolerances ``deq_tolerance``
+    (``(num_frames, 2)``: forward, adjoint; eager and AOTInductor models, not TorchScript). Writes ``per_atom_energy`` (the Lagrangian of the module
     docstring, per atom), ``deq_state`` (:math:`z^*`), ``deq_adjoint_state`` (:math:`v^*`) and per
     frame ``deq_iterations``, ``deq_residual``, ``deq_adjoint_iterations``,
     ``deq_adjoint_residual``.
@@ -275,6 +285,53 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
 
         return replace_submodules(model, cls, factory)
 
+    @model_modifier(persistent=False)
+    @classmethod
+    def set_DEQSolverTolerances(
+        cls,
+        model: torch.nn.Module,
+        f_tol: Optional[float] = None,
+        b_tol: Optional[float] = None,
+        f_max_iter: Optional[int] = None,
+        b_max_iter: Optional[int] = None,
+    ) -> torch.nn.Module:
+        """Deploy-time solver settings: the forward and adjoint tolerances and iteration caps
+        of a trained model, for nequip-compile or an eager calculator (training settings are
+        unchanged in the checkpoint). Arguments left out are read from the environment
+        variables ``NEQUIP_DEQ_F_TOL``, ``NEQUIP_DEQ_B_TOL``, ``NEQUIP_DEQ_F_MAX_ITER``,
+        ``NEQUIP_DEQ_B_MAX_ITER`` (nequip-compile's ``--modifiers`` passes no arguments), or
+        kept. The compiled model records the result in its metadata (``deq_f_tol`` ...), where
+        ``DEQCalculator``, ``nequip-deq-md`` and ``nequip-deq-lammps-check`` read it.
+        docs/deq.md tabulates NVE drift and cost against the tolerance."""
+        given = {"f_tol": f_tol, "b_tol": b_tol, "f_max_iter": f_max_iter, "b_max_iter": b_max_iter}
+        settings = {}
+        for name, value in given.items():
+            kind = int if name.endswith("max_iter") else float
+            env = f"NEQUIP_DEQ_{name.upper()}"
+            if value is None and os.environ.get(env):
+                try:
+                    value = kind(os.environ[env])
+                except ValueError:
+                    raise ValueError(f"set_DEQSolverTolerances: {env}={os.environ[env]!r} is not a {kind.__name__}.")
+            if value is None:
+                continue
+            if not value > 0:
+                raise ValueError(f"set_DEQSolverTolerances: {name} = {value} must be > 0.")
+            settings[name] = kind(value)
+        if not settings:
+            raise ValueError(
+                "set_DEQSolverTolerances got no setting: pass f_tol / b_tol / f_max_iter / "
+                "b_max_iter, or set NEQUIP_DEQ_F_TOL, NEQUIP_DEQ_B_TOL, NEQUIP_DEQ_F_MAX_ITER, "
+                "NEQUIP_DEQ_B_MAX_ITER for nequip-compile."
+            )
+
+        def factory(layer: "DEQEquiformerLayer") -> "DEQEquiformerLayer":
+            for name, value in settings.items():
+                setattr(layer, name, value)
+            return layer
+
+        return replace_submodules(model, cls, factory)
+
     # ---- the DEQ function and the readout ------------------------------------------------
 
     def edge_weights(self, data: AtomicDataDict.Type) -> List[torch.Tensor]:
@@ -329,6 +386,9 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         floor = tolerance_floor(x.dtype)
         f_tol = max(self.f_tol, floor)
         b_tol = max(self.b_tol, floor)
+        if not torch.jit.is_scripting():
+            if _keys.DEQ_TOLERANCE_KEY in data:  # per call (ase_deq models, DEQCalculator)
+                f_tol, b_tol = _call_tolerances(data[_keys.DEQ_TOLERANCE_KEY], floor)
         z0 = self._start(data, _keys.DEQ_STATE_KEY, x)
         v0 = self._start(data, _keys.DEQ_ADJOINT_STATE_KEY, x)
         use_cache = (
@@ -363,17 +423,18 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         b_it = torch.zeros_like(f_it)
         b_res = torch.zeros_like(f_res)
         if self.implicit:
-            # adjoint v* = dR/dz + (df/dz)^T v* at z*
+            # adjoint v* = dR/dz + (df/dz)^T v* at z*, and the recorded f(z*) it used
             if mode == "traced":
                 v_star, b_it, b_res = self._adjoint_traced(
                     data, x_hat, weights, z_star, v0, batch, num_frames, b_tol
                 )
+                fz = self.f(z_star.detach(), data, x_hat, weights)
             elif eager:
-                v_star, b_it, b_res = self._adjoint_eager(
+                v_star, b_it, b_res, fz = self._adjoint_eager(
                     data, x_hat, weights, z_star, v0, batch, num_frames, b_tol
                 )
             else:
-                v_star, b_it, b_res = self._adjoint(
+                v_star, b_it, b_res, fz = self._adjoint(
                     data, x_hat, weights, z_star, v0, batch, num_frames, b_tol
                 )
             z, v = z_star.detach(), v_star.detach()
@@ -381,10 +442,10 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
                 z, v = self._training_states(
                     data, x_hat, weights, z, v, batch, num_frames, floor
                 )
+                fz = self.f(z, data, x_hat, weights)
             # Lagrangian with z*, v* constant: exact dE/dx, dE/dcell, dE/dtheta by autograd
-            per_atom = self.energy(z, data) + (v * (self.f(z, data, x_hat, weights) - z)).sum(
-                -1, keepdim=True
-            )
+            # (eager and TorchScript evaluation reuse the adjoint's recording of f(z*))
+            per_atom = self.energy(z, data) + (v * (fz - z)).sum(-1, keepdim=True)
             if eager:
                 per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
         else:

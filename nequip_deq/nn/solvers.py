@@ -97,17 +97,34 @@ def solver_start(
     return iters, res, active
 
 
+TF32_TOLERANCE_FLOOR = 1e-3
+
+
 def tolerance_floor(dtype: torch.dtype) -> float:
     """The smallest relative residual a solve in ``dtype`` can reliably reach: float32
-    cannot resolve residuals much below 1e-6, so its tolerances are raised to 2e-6."""
-    return 2e-6 if dtype == torch.float32 else 0.0
+    cannot resolve residuals much below 1e-6, so its tolerances are raised to 2e-6; with TF32
+    matrix products (``nequip-compile --tf32``, nequip's TF32 scheduler: 10-bit mantissas,
+    relative rounding ~5e-4) to 1e-3. Read when the model runs (eager) or is traced
+    (compiled: the TF32 setting of the compile is the model's)."""
+    if dtype != torch.float32:
+        return 0.0
+    if not torch.jit.is_scripting():
+        if _tf32_matmuls():
+            return TF32_TOLERANCE_FLOOR
+    return 2e-6
+
+
+@torch.jit.unused
+def _tf32_matmuls() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
 
 
 @torch.jit.unused
 def check_solution(
     what: str, s: torch.Tensor, iters: torch.Tensor, res: torch.Tensor, tol: float
 ) -> None:
-    """Raise on non-finite solutions, warn when a frame ended above the tolerance."""
+    """Raise on non-finite solutions, warn when a frame ended above the tolerance (a number,
+    or one per frame)."""
     if not bool(torch.isfinite(s).all()):
         raise FixedPointError(
             f"DEQ {what} produced non-finite values after {iters.tolist()} iterations (last "
@@ -115,8 +132,9 @@ def check_solution(
             "`branch_scale`, or add `jacobian_penalty`."
         )
     if not bool((res <= tol).all()):
+        tol = tol.tolist() if torch.is_tensor(tol) else f"{tol:g}"
         warnings.warn(
-            f"DEQ {what} did not reach the tolerance {tol:g}: relative residuals "
+            f"DEQ {what} did not reach the tolerance {tol}: relative residuals "
             f"{res.tolist()} after {iters.tolist()} iterations; results carry that error "
             "(raise the iteration cap, lower `damping`, or loosen the tolerance)."
         )
@@ -190,6 +208,27 @@ def gmres(
     return x, iters, res
 
 
+@torch.jit.unused
+def _while(step: Callable, state, max_trips: int):
+    """``state = (s, iters, res, active) <- step(*state)`` as a ``torch.while_loop`` (exportable:
+    a compiled model stops at the tolerance) until no frame is active or after ``max_trips``
+    trips; returns ``(s, iters, res)``.
+
+    The loop counts down from a tensor made outside it: a Python number read by the loop's
+    condition is traced as a constant once and as an input once when two loops with different
+    caps share this code, and nequip-compile's two traces of a model must agree."""
+
+    def cond(left, s, iters, res, active):
+        return (left > 0) & active.any()
+
+    def body(left, s, iters, res, active):
+        return (left - 1,) + tuple(step(s, iters, res, active))
+
+    left = torch.full((), max_trips, dtype=torch.long, device=state[0].device)
+    _, s, iters, res, _ = torch.while_loop(cond, body, (left,) + tuple(state))
+    return s, iters, res
+
+
 class FixedPointSolvers:
     """The forward and adjoint solves of :class:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer`
     (a mixin: it uses the layer's ``f``, ``energy``, ``damping``, ``f_max_iter`` and
@@ -235,11 +274,13 @@ class FixedPointSolvers:
         batch: torch.Tensor,
         num_frames: int,
         tol: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adjoint solve :math:`v = g + J^\\top v` from ``v``, with
         :math:`g = \\partial R/\\partial z` and :math:`J = \\partial f/\\partial z` at
         :math:`z^*` (vector-Jacobian products by autograd on one recorded :math:`f(z^*)`).
-        Needs grad mode (the caller enables it)."""
+        Needs grad mode (the caller enables it). Also returns that recorded :math:`f(z^*)`,
+        whose graph reaches the geometry: the Lagrangian reuses it instead of applying
+        :math:`f` once more."""
         z = z_star.detach().requires_grad_(True)
         e = self.energy(z, data).sum()
         g_opt = torch.autograd.grad([e], [z])[0]
@@ -256,7 +297,7 @@ class FixedPointSolvers:
             )
             if not bool(active.any()):
                 break
-        return v.detach(), iters, res
+        return v.detach(), iters, res, fz
 
     @torch.jit.unused
     def _adjoint_eager(
@@ -269,14 +310,15 @@ class FixedPointSolvers:
         batch: torch.Tensor,
         num_frames: int,
         tol: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The adjoint solve of an eager call, checked: :meth:`_adjoint` in evaluation (the
         iteration of TorchScript and compiled models), :func:`gmres` on
         :math:`(I - J^\\top) v = g` in training. Runs in grad mode (eager callers may be under
-        ``no_grad``)."""
+        ``no_grad``). Returns the solution, iterations, residuals and the recorded
+        :math:`f(z^*)`."""
         if not self.training:
             with torch.enable_grad():
-                v, iters, res = self._adjoint(
+                v, iters, res, fz = self._adjoint(
                     data, x_hat, weights, z_star, v0, batch, num_frames, tol
                 )
         else:
@@ -290,7 +332,7 @@ class FixedPointSolvers:
 
             v, iters, res = gmres(operator, g, v0, batch, num_frames, tol, self.b_max_iter)
         check_solution("adjoint solve", v, iters, res, tol)
-        return v.detach(), iters, res
+        return v.detach(), iters, res, fz
 
     # ---- torch.while_loop (traced for AOTInductor) ------------------------------------
 
@@ -317,9 +359,18 @@ class FixedPointSolvers:
         tol: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self._loop_data(data)
-        return self._while(
-            lambda z: self.f(z, d, x_hat, weights), z0, self.f_max_iter, batch, num_frames, tol
-        )
+        batch = batch.clone()
+        max_iter, damping = self.f_max_iter, self.damping
+
+        def step(z, iters, res, active):  # one iteration per trip: max_iter trips at most
+            return damped_step(
+                z, self.f(z, d, x_hat, weights), iters, res, active, batch, num_frames, tol, damping
+            )
+
+        iters, res, active = solver_start(num_frames, z0)
+        with torch.no_grad():
+            z, iters, res = _while(step, (z0, iters, res, active), max_iter)
+        return z, iters, res
 
     @torch.jit.unused
     def _adjoint_traced(
@@ -333,6 +384,10 @@ class FixedPointSolvers:
         num_frames: int,
         tol: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_adjoint` for AOTInductor. A ``torch.while_loop`` body cannot use a graph
+        recorded outside it, so every iteration records :math:`f(z^*)` anew for its product
+        (products unrolled before the loop on one shared recording returned wrong solutions
+        from AOTInductor when the loop then made no trip: tried and reverted)."""
         z_star = z_star.detach()
         with torch.enable_grad():
             z = z_star.requires_grad_(True)
@@ -340,34 +395,16 @@ class FixedPointSolvers:
         d = self._loop_data(data)
         g = g.detach()
         z_star = z_star.detach().clone()
-
-        def adjoint_map(v):
-            _, vjp = torch.func.vjp(lambda zz: self.f(zz, d, x_hat, weights), z_star)
-            return g + vjp(v)[0]
-
-        return self._while(adjoint_map, v0, self.b_max_iter, batch, num_frames, tol)
-
-    @torch.jit.unused
-    def _while(self, fixed_map: Callable, s0, max_iter: int, batch, num_frames: int, tol: float):
-        """:func:`damped_step` on ``s <- fixed_map(s)`` as a ``torch.while_loop`` (exportable:
-        it stops at the tolerance inside the compiled model)."""
         batch = batch.clone()
         damping = self.damping
 
-        def cond(it, s, iters, res, active):
-            return (it < max_iter) & active.any()
+        def step(v, iters, res, active):
+            _, vjp = torch.func.vjp(lambda zz: self.f(zz, d, x_hat, weights), z_star)
+            return damped_step(v, g + vjp(v)[0], iters, res, active, batch, num_frames, tol, damping)
 
-        def body(it, s, iters, res, active):
-            s, iters, res, active = damped_step(
-                s, fixed_map(s), iters, res, active, batch, num_frames, tol, damping
-            )
-            return it + 1, s, iters, res, active
-
-        iters, res, active = solver_start(num_frames, s0)
-        start = (torch.zeros((), dtype=torch.long, device=s0.device), s0, iters, res, active)
+        iters, res, active = solver_start(num_frames, v0)
         with torch.no_grad():
-            _, s, iters, res, _ = torch.while_loop(cond, body, start)
-        return s, iters, res
+            return _while(step, (v0, iters, res, active), self.b_max_iter)
 
     # ---- torchdeq (training-time forward solve) ----------------------------------------
 

@@ -33,12 +33,14 @@ DEFAULT_MAX_DISPLACEMENT = 0.5  # Å; MD moves atoms ~0.01-0.05 Å per step
 
 
 class DEQStateCache(torch.nn.Module):
-    """The last two calls' fixed points and adjoints, and the last positions and types
+    """The last three calls' fixed points and adjoints, and the last positions and types
     (``capacity`` rows each).
 
-    A matching call starts from :math:`z_0 = 2 z^*_{n} - z^*_{n-1}` (linear extrapolation, as
-    :class:`~nequip_deq.integrations.ase.DEQCalculator` does) when the two previous calls were
-    the same system, from :math:`z^*_n` after one, and from zeros otherwise; the adjoint alike.
+    A matching call starts from the quadratic extrapolation
+    :math:`z_0 = 3 z^*_{n} - 3 z^*_{n-1} + z^*_{n-2}` (as
+    :class:`~nequip_deq.integrations.ase.DEQCalculator` does by default) when the three previous
+    calls were the same system, from :math:`2 z^*_{n} - z^*_{n-1}` after two, from
+    :math:`z^*_n` after one, and from zeros otherwise; the adjoint alike.
 
     Every read of a buffer goes through rows that depend on the input's atom count
     (``index_select``), and a call reads and writes ``N`` rows, never the whole capacity.
@@ -67,13 +69,12 @@ class DEQStateCache(torch.nn.Module):
             "num_atoms": torch.full((1,), -1, dtype=torch.long),
             "types": torch.full((self.capacity,), -1, dtype=torch.long),
             "positions": torch.zeros(self.capacity, 3, dtype=torch.float64),
-            # per row: do state_prev / adjoint_prev belong to the same system as state / adjoint?
-            "prev_valid": torch.zeros(self.capacity, dtype=torch.bool),
-            "state": torch.zeros(self.capacity, width, dtype=dtype),
-            "state_prev": torch.zeros(self.capacity, width, dtype=dtype),
-            "adjoint": torch.zeros(self.capacity, width, dtype=dtype),
-            "adjoint_prev": torch.zeros(self.capacity, width, dtype=dtype),
+            # per row: how many of the older solutions (_prev, _prev2) belong to the same
+            # system as state / adjoint (0, 1 or 2)
+            "depth": torch.zeros(self.capacity, dtype=torch.long),
         }
+        for name in ("state", "state_prev", "state_prev2", "adjoint", "adjoint_prev", "adjoint_prev2"):
+            buffers[name] = torch.zeros(self.capacity, width, dtype=dtype)
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
 
@@ -106,13 +107,14 @@ class DEQStateCache(torch.nn.Module):
         return same_size & same_types & small
 
     def _start(
-        self, last: torch.Tensor, before: torch.Tensor, hit: torch.Tensor, zero: torch.Tensor
+        self, history: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], hit: torch.Tensor, zero: torch.Tensor
     ) -> torch.Tensor:
         n = zero.shape[0]
-        last_rows = self._stored(last, n, 0.0).to(zero.dtype)
-        before_rows = self._stored(before, n, 0.0).to(zero.dtype)
-        two = self._stored(self.prev_valid, n, 0.0).all()
-        start = torch.where(two, 2.0 * last_rows - before_rows, last_rows)
+        s0, s1, s2 = [self._stored(buffer, n, 0.0).to(zero.dtype) for buffer in history]
+        depth = self._stored(self.depth, n, 0.0).min()
+        start = torch.where(
+            depth >= 2, 3.0 * s0 - 3.0 * s1 + s2, torch.where(depth == 1, 2.0 * s0 - s1, s0)
+        )
         return torch.where(hit, start, zero)
 
     def lookup(
@@ -121,8 +123,8 @@ class DEQStateCache(torch.nn.Module):
         """Starting points ``(z0, v0)``, each like ``zero`` ``(N, X)`` (see the class
         docstring), and whether the call :meth:`matches` the stored system."""
         hit = self.matches(pos, types, cell)
-        z0 = self._start(self.state, self.state_prev, hit, zero)
-        v0 = self._start(self.adjoint, self.adjoint_prev, hit, zero)
+        z0 = self._start((self.state, self.state_prev, self.state_prev2), hit, zero)
+        v0 = self._start((self.adjoint, self.adjoint_prev, self.adjoint_prev2), hit, zero)
         return z0, v0, hit
 
     def store(
@@ -140,9 +142,13 @@ class DEQStateCache(torch.nn.Module):
         instead of from them."""
         n = pos.shape[0]
         rows, _ = self._rows(n, pos.device)
-        self.state_prev.index_copy_(0, rows, self.state.index_select(0, rows))
-        self.adjoint_prev.index_copy_(0, rows, self.adjoint.index_select(0, rows))
-        self.prev_valid.index_copy_(0, rows, hit.expand(n))
+        for newer, older in (
+            (self.state_prev, self.state_prev2), (self.state, self.state_prev),
+            (self.adjoint_prev, self.adjoint_prev2), (self.adjoint, self.adjoint_prev),
+        ):
+            older.index_copy_(0, rows, newer.index_select(0, rows))
+        depth = (self.depth.index_select(0, rows) + 1).clamp(max=2)
+        self.depth.index_copy_(0, rows, torch.where(hit, depth, torch.zeros_like(depth)))
         self.state.index_copy_(0, rows, z.detach().to(self.state.dtype))
         self.adjoint.index_copy_(0, rows, v.detach().to(self.adjoint.dtype))
         self.types.index_copy_(0, rows, types)

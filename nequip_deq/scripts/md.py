@@ -70,11 +70,12 @@ def check_elements(atoms: Atoms, calculator) -> None:
                 )
 
 
-def load_calculator(model: str, device: str):
+def load_calculator(model: str, device: str, extrapolation: str = "quadratic"):
     """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
     (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
     models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
-    refused with the target to use."""
+    refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
+    (:data:`~nequip_deq.integrations.ase.EXTRAPOLATIONS`)."""
     from nequip.integrations.ase import NequIPCalculator
 
     from nequip_deq._compile_targets import STATE_WIDTH_METADATA_KEY, compiled_target
@@ -98,7 +99,7 @@ def load_calculator(model: str, device: str):
                 model, device=device, chemical_species_to_atom_type_map=True
             )
         return DEQCalculator.from_compiled_model(
-            model, device=device, chemical_species_to_atom_type_map=True
+            model, device=device, chemical_species_to_atom_type_map=True, extrapolation=extrapolation
         )
     if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(
@@ -109,7 +110,7 @@ def load_calculator(model: str, device: str):
     )
     # by class name: a packaged model (.nequip.zip) carries its own copy of the class
     if any(type(m).__name__ == DEQEquiformerLayer.__name__ for m in calc.model.modules()):
-        return DEQCalculator(calc.model, device=device, transforms=calc.transforms)
+        return DEQCalculator(calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation)
     return calc
 
 
@@ -200,6 +201,8 @@ def run_md(
         "steps": steps,
         "seconds_per_step": elapsed / steps,
         "energy_drift_eV_per_atom": float(energies[-1] - energies[0]) / len(atoms),
+        # slope of a straight line through the total energy (eV/atom/ps)
+        "energy_drift_eV_per_atom_ps": float(np.polyfit(np.arange(len(energies)) * timestep_fs / 1000, energies, 1)[0]) / len(atoms),
         "energy_fluctuation_eV_per_atom": float(energies.std()) / len(atoms),
         "trajectory": str(out_dir / "md.traj"),
         "log": str(out_dir / "md.log"),
@@ -229,9 +232,11 @@ def main(argv=None):
     parser.add_argument("--print-every", type=int, default=50, help="progress line interval (steps; 0: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extrapolation", default="quadratic", choices=["previous", "linear", "quadratic", "aspc"],
+                        help="DEQ models: starting point of each step's solves from the previous ones")
     args = parser.parse_args(argv)
 
-    calc = load_calculator(args.model, args.device)
+    calc = load_calculator(args.model, args.device, args.extrapolation)
     limits = getattr(calc, "solver_limits", None)
     if limits is not None:
         print(f"DEQ solver: forward tolerance {limits['f_tol']:g} (cap {limits['f_max_iter']} "
@@ -246,7 +251,8 @@ def main(argv=None):
     )
     print(f"MD ({args.ensemble}, {len(atoms)} atoms, {summary['steps']} steps of {args.timestep} fs): "
           f"{1000 * summary['seconds_per_step']:.1f} ms/step, "
-          f"total-energy drift {1000 * summary['energy_drift_eV_per_atom']:.3f} meV/atom, "
+          f"total-energy drift {1000 * summary['energy_drift_eV_per_atom']:.3f} meV/atom "
+          f"(fit: {1000 * summary['energy_drift_eV_per_atom_ps']:+.3f} meV/atom/ps), "
           f"fluctuation {1000 * summary['energy_fluctuation_eV_per_atom']:.3f} meV/atom")
     if "deq_iterations_per_step" in summary:
         print(f"DEQ solver (warm-started): {summary['deq_iterations_per_step']:.1f} forward + "
