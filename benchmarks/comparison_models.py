@@ -6,7 +6,7 @@
   and every other architecture setting), and ``nequip``: nequip's NequIPGNNModel with the same
   irreps (4 layers, ``l_max`` 2, ``parity: false``, ``num_features`` per degree). Both are
   trained for one epoch on 10 frames: their *cost* per call is what the speed benchmarks use
-  (it does not depend on the weights); the drift benchmark takes trained checkpoints instead.
+  (it does not depend on the weights); the drift benchmark uses trained models instead.
 
 Used by ``md_speed.py``, ``size_scaling.py`` and ``nve_drift.py``.
 """
