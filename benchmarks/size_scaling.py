@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase import units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from nequip.integrations.ase import NequIPCalculator
 
@@ -33,24 +31,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lammps"))
 import comparison_models  # noqa: E402
 from make_data import periodic_box  # noqa: E402
-from md_speed import ase_caller, pair_caller  # noqa: E402
+from md_speed import ase_caller, pair_caller, trajectory  # noqa: E402
 
 WARM_STEPS = 3
-
-
-def md_frames(atoms, calc, steps: int, dt_fs: float = 0.5):
-    """``steps`` velocity Verlet frames from 300 K with ``calc`` (the warm DEQ)."""
-    atoms = atoms.copy()
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    atoms.calc = calc
-    frames, dt = [atoms.copy()], dt_fs * units.fs
-    masses = atoms.get_masses()[:, None]
-    for _ in range(steps - 1):
-        velocities = atoms.get_velocities() + 0.5 * dt * atoms.get_forces() / masses
-        atoms.positions += dt * velocities
-        atoms.set_velocities(velocities + 0.5 * dt * atoms.get_forces() / masses)
-        frames.append(atoms.copy())
-    return frames
 
 
 def power_law(sizes, times):
@@ -80,8 +63,9 @@ def main():
         atoms = periodic_box(grid=grid)
         n = len(atoms)
         print(f"== {n} atoms ({grid}^3 aspirin)", flush=True)
-        frames = md_frames(atoms, DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, **options),
-                           WARM_STEPS + 1)
+        frames, _, _ = trajectory(
+            DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, **options), atoms, WARM_STEPS
+        )
         warm = ase_caller(DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, **options))
         for frame in frames:  # the last call is the timed one, extrapolated from three
             seconds, its, _ = warm(frame)
