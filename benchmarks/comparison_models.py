@@ -83,19 +83,19 @@ def compiled(source: Path, out: Path, target: str, modifiers=(), env=None) -> Pa
     return out
 
 
-def deq_models(checkpoint: Path, work: Path, tolerance=None):
+def deq_models(checkpoint: Path, work: Path, tolerance=None, extrapolation: str = "quadratic"):
     """The DEQ compiled for ASE (``ase_deq``: takes its tolerance with each call) and for the
-    pair-style call (``pair_nequip_deq`` with the state cache; its tolerance compiled in with
-    ``set_DEQSolverTolerances`` when ``tolerance`` is given, else the model's)."""
+    pair-style call (``pair_nequip_deq`` with the state cache and its ``extrapolation``; its
+    tolerance compiled in with ``set_DEQSolverTolerances`` when ``tolerance`` is given, else
+    the model's)."""
     deq_ase = compiled(checkpoint, work / "deq_ase.nequip.pt2", "ase_deq")
-    if tolerance is None:
-        return deq_ase, compiled(checkpoint, work / "deq_pair.nequip.pt2", "pair_nequip_deq", ["enable_DEQStateCache"])
-    deq_pair = compiled(
-        checkpoint, work / f"deq_pair_tol{tolerance:g}.nequip.pt2", "pair_nequip_deq",
-        ["enable_DEQStateCache", "set_DEQSolverTolerances"],
-        env={"NEQUIP_DEQ_F_TOL": str(tolerance), "NEQUIP_DEQ_B_TOL": str(tolerance)},
-    )
-    return deq_ase, deq_pair
+    name, modifiers = f"deq_pair_{extrapolation}", ["enable_DEQStateCache"]
+    env = {"NEQUIP_DEQ_EXTRAPOLATION": extrapolation}
+    if tolerance is not None:
+        name += f"_tol{tolerance:g}"
+        modifiers.append("set_DEQSolverTolerances")
+        env.update(NEQUIP_DEQ_F_TOL=str(tolerance), NEQUIP_DEQ_B_TOL=str(tolerance))
+    return deq_ase, compiled(checkpoint, work / f"{name}.nequip.pt2", "pair_nequip_deq", modifiers, env=env)
 
 
 def timing_models(deq_checkpoint: Path, work: Path):

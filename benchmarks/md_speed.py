@@ -4,7 +4,7 @@ ASE with ``--target ase_deq`` and called as LAMMPS' ``pair_style nequip`` calls 
 explicit 6-block EquiformerModel of the DEQ's width and nequip's NequIP with the same irreps.
 
     python benchmarks/md_speed.py --deq-checkpoint outputs/qs_deq/train/best.ckpt \\
-        [--tolerance 1e-3] [--work outputs/md_speed] [--steps 200] [--box-grid 3] [--box-steps 40]
+        [--tolerance 1e-3] [--extrapolation quadratic] [--work outputs/md_speed] [--steps 200] [--box-grid 3] [--box-steps 40]
 
 Systems: rMD17 aspirin (21 atoms) and a periodic box of ``box-grid``³ aspirin molecules
 (567 atoms at the default 3). The trajectory is NVE velocity Verlet at 0.5 fs from 300 K run
@@ -12,7 +12,8 @@ by the warm DEQ through ASE; every other model and route is timed on the same fr
 of a call does not depend on the weights, so the comparison models only need the DEQ's
 architecture: see ``comparison_models.py``). ms per step = one energy + forces call. The DEQ
 solves run at ``--tolerance`` (default: the model's), passed with each call through ASE and
-compiled in with ``set_DEQSolverTolerances`` for the pair-style call.
+compiled in with ``set_DEQSolverTolerances`` for the pair-style call, from the starting points
+``--extrapolation`` (``quadratic`` or ``xlbomd``; ASE and the state cache alike).
 
 The floor: with eager timings of the DEQ's parts, in block-equivalents (one application of
 ``f`` without graph = 1), the solves and the Lagrangian of a step cost at least ``n_f``
@@ -46,6 +47,7 @@ from nequip_deq._keys import SOLVER_STATISTICS
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.integrations.lammps import lammps_frame, pair_nequip_inputs
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.state_cache import CACHE_SCHEMES
 from nequip_deq.scripts.md import load_calculator
 
 HERE = Path(__file__).resolve().parent
@@ -186,16 +188,18 @@ def main():
     parser.add_argument("--box-steps", type=int, default=40, help="MD steps on the box")
     parser.add_argument("--png", type=Path, default=None, help="iterations per step over the runs")
     parser.add_argument("--tolerance", type=float, default=None, help="DEQ solver tolerance (default: the model's)")
+    parser.add_argument("--extrapolation", default="quadratic", choices=CACHE_SCHEMES,
+                        help="DEQ starting points, through ASE and in the state cache of the pair-style call")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(torch.get_num_threads())
 
     work = args.work
-    deq_ase, deq_pair = comparison_models.deq_models(args.deq_checkpoint, work, args.tolerance)
+    deq_ase, deq_pair = comparison_models.deq_models(args.deq_checkpoint, work, args.tolerance, args.extrapolation)
     explicit, nequip, _ = comparison_models.timing_models(args.deq_checkpoint, work)
 
     compiled_ase = dict(device="cpu", chemical_species_to_atom_type_map=True)
-    deq_options = dict(compiled_ase, tolerance=args.tolerance)
+    deq_options = dict(compiled_ase, tolerance=args.tolerance, extrapolation=args.extrapolation)
     report, curves = [], {}
     for name, atoms in systems(args.box_grid).items():
         steps = args.steps if name == "aspirin" else args.box_steps
@@ -224,7 +228,7 @@ def main():
         report.append((name, len(atoms), rows, floor(args.deq_checkpoint, frames[-1], n_f, n_b, args.tolerance), (n_f, n_b)))
 
     tol = args.tolerance or DEQCalculator.from_compiled_model(deq_ase, **compiled_ase).tolerances[0]
-    print(f"\nDEQ tolerance {tol:g}; {torch.get_num_threads()} CPU threads, float32, compiled with AOTInductor; "
+    print(f"\nDEQ tolerance {tol:g}, {args.extrapolation} starting points; {torch.get_num_threads()} CPU threads, float32, compiled with AOTInductor; "
           "ms per energy+forces call (median), iterations = forward + adjoint per step")
     for name, n, rows, fl, (n_f, n_b) in report:
         base = np.median(rows["Equiformer 6 blocks"][0])

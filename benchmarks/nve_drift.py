@@ -1,10 +1,10 @@
 """NVE energy conservation of compiled models: total-energy drift of the warm-started DEQ at
-several solver tolerances and starting-point extrapolations, of the DEQ with the phantom
-gradient (not −dE/dx) and of the explicit model, all from the same start.
+several solver tolerances and starting points (nequip_deq.nn.extrapolation), of the
+DEQ with the phantom gradient (not −dE/dx) and of the explicit model, all from the same start.
 
     python benchmarks/nve_drift.py --deq-checkpoint outputs/qs_deq/train/best.ckpt \\
         --explicit-compiled outputs/qs_explicit/quickstart.nequip.pt2 \\
-        [--steps 4000] [--tolerances 1e-3 1e-4 1e-5] [--work outputs/md_speed] [--png docs/nve_drift.png]
+        [--steps 4000] [--tolerances 1e-3 1e-4] [--work outputs/md_speed] [--png docs/nve_drift.png]
 
 rMD17 aspirin (first test frame), velocity Verlet at 0.5 fs, velocities drawn at 300 K (seed 0),
 ASE with compiled models (``--target ase_deq`` for the DEQ, made in ``--work`` if missing, the
@@ -30,6 +30,7 @@ from ase.md.verlet import VelocityVerlet
 from nequip.integrations.ase import NequIPCalculator
 
 from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.nn.extrapolation import SCHEMES
 from nequip_deq.scripts.md import give_molecule_a_cell, load_calculator, load_structure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,22 +87,21 @@ def main():
     parser.add_argument("--phantom-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
-    parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5])
-    parser.add_argument("--default-tolerance", type=float, default=None,
-                        help="the tolerance at which the extrapolations are compared (default: the first)")
-    parser.add_argument("--extrapolations", nargs="+", default=["previous", "linear", "aspc"],
-                        help="compared with the default quadratic one at the default tolerance")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--schemes", nargs="+", default=["quadratic", "xlbomd"], choices=SCHEMES,
+                        help="starting points run at every tolerance")
+    parser.add_argument("--extra-schemes", nargs="*", default=["previous", "linear", "aspc"], choices=SCHEMES,
+                        help="starting points run at the first tolerance only")
     parser.add_argument("--work", type=Path, default=Path("outputs/md_speed"))
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    default = args.default_tolerance or args.tolerances[0]
     options = dict(device="cpu", chemical_species_to_atom_type_map=True)
 
     runs = {}
     deq = comparison_models.compiled(args.deq_checkpoint, args.work / "deq_ase.nequip.pt2", "ase_deq")
     for tol in args.tolerances:
-        for scheme in ["quadratic"] + (args.extrapolations if tol == default else []):
+        for scheme in args.schemes + (args.extra_schemes if tol == args.tolerances[0] else []):
             label = f"DEQ, tol {tol:g}, {scheme} start"
             calc = DEQCalculator.from_compiled_model(deq, extrapolation=scheme, tolerance=tol, **options)
             runs[label] = run(calc, args.steps, args.timestep, label)
@@ -124,7 +124,7 @@ def main():
 
         t = runs["explicit Equiformer"][0]
         curves = {label: 1e3 * (total - total[0]) for label, (_, total, _, _) in runs.items()
-                  if "start" not in label or "quadratic" in label}
+                  if "start" not in label or any(f"{s} start" in label for s in args.schemes)}
         curves = {label: np.pad(c, (0, len(t) - len(c)), constant_values=np.nan) for label, c in curves.items()}
         line_plot(t, curves, "time (ps)", "total energy − start (meV/atom)",
                   f"aspirin NVE, {args.timestep} fs, 300 K", args.png)

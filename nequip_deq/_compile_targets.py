@@ -35,6 +35,7 @@ ASE_DEQ_TARGET = "ase_deq"
 PAIR_NEQUIP_DEQ_TARGET = "pair_nequip_deq"
 STATE_WIDTH_METADATA_KEY = "deq_state_width"
 STATE_CACHE_METADATA_KEY = "deq_state_cache_atoms"
+STATE_CACHE_EXTRAPOLATION_METADATA_KEY = "deq_state_cache_extrapolation"
 # the solver settings of a DEQ model (effective tolerances for its dtype), read back by
 # DEQCalculator, nequip-deq-md and nequip-deq-lammps-check
 SOLVER_METADATA_KEYS = ("deq_f_tol", "deq_f_max_iter", "deq_b_tol", "deq_b_max_iter")

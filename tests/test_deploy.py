@@ -19,6 +19,7 @@ from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
 
 from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, lammps_virial, pair_nequip_inputs
 from nequip_deq.scripts.md import give_molecule_a_cell, load_calculator, load_structure, main as md_main
+import real_lammps
 from test_train import MODEL, nequip_train
 
 TYPES = ["C", "H", "O"]
@@ -57,6 +58,12 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pair_compiled(checkpoint, tmp_path_factory):
+    """The checkpoint compiled for LAMMPS (``--target pair_nequip``)."""
+    return nequip_compile(checkpoint, tmp_path_factory.mktemp("lmp") / "lmp.nequip.pt2", "pair_nequip")
+
+
+@pytest.fixture(scope="module")
 def eager_calc(checkpoint):
     return NequIPCalculator._from_saved_model(str(checkpoint), chemical_species_to_atom_type_map=True)
 
@@ -86,12 +93,12 @@ def test_compiled_ase_model_matches_eager_and_runs_md(checkpoint, eager_calc, tm
 
 
 @pytest.mark.slow
-def test_compiled_pair_nequip_model_matches_eager(checkpoint, eager_calc, tmp_path):
+def test_compiled_pair_nequip_model_matches_eager(pair_compiled, eager_calc):
     """The LAMMPS target, called as pair_style nequip calls it (local positions, ghost images
     folded onto their owners as cell shifts, LAMMPS box and type order; see
     nequip_deq.integrations.lammps), gives the ASE energy, forces and virial: molecules in a
     box and a periodic box with ghost atoms."""
-    compiled = nequip_compile(checkpoint, tmp_path / "lmp.nequip.pt2", "pair_nequip")
+    compiled = pair_compiled
     model, metadata = load_compiled_model(str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS)
     assert metadata["type_names"] == TYPES
     # what the pair style reads from the metadata
@@ -118,6 +125,23 @@ def test_compiled_pair_nequip_model_matches_eager(checkpoint, eager_calc, tmp_pa
         )
     with pytest.raises(ValueError, match=r"compiled for `--target pair_nequip`; ASE needs `--target ase`"):
         load_calculator(str(compiled), "cpu")
+
+
+@pytest.mark.slow
+def test_real_lammps_runs_the_compiled_model(pair_compiled, eager_calc, lammps_plugin, tmp_path):
+    """In a real LAMMPS with the official pair_style nequip (tests/real_lammps.py), the compiled
+    model gives the ASE energy and forces on the shipped molecule and periodic box, and the
+    shipped inputs run NVE with finite, conserved total energy."""
+    for system in ("molecule", "box"):
+        energy, forces = real_lammps.single_point(lammps_plugin, tmp_path, pair_compiled, system)
+        ref = real_lammps.structure(system)
+        ref.calc = eager_calc
+        assert abs(energy - ref.get_potential_energy()) < 1e-5 * len(ref)
+        np.testing.assert_allclose(forces, ref.get_forces(), atol=5e-5, rtol=1e-4)
+    for script, steps in (("in.molecule", 200), ("in.box", 40)):
+        table = real_lammps.shipped_nve(lammps_plugin, tmp_path, pair_compiled, script, steps)
+        assert table["Step"][-1] == steps
+        assert real_lammps.energy_drift_ratio(table) < 0.05, table
 
 
 @pytest.mark.parametrize("attention_type, nonlinear", [("mlp", True), ("dot_product", False)])

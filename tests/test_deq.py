@@ -151,10 +151,10 @@ def test_every_atom_of_a_large_box_meets_the_tolerance():
         assert float(per_atom.max()) <= tol, float(per_atom.max())
 
 
-def calculator(model, warm_start=True):
+def calculator(model, warm_start=True, **kwargs):
     return DEQCalculator(
         model, device="cpu", warm_start=warm_start,
-        transforms=[mapper(), NeighborListTransform(r_max=R_MAX)],
+        transforms=[mapper(), NeighborListTransform(r_max=R_MAX)], **kwargs,
     )
 
 
@@ -255,6 +255,30 @@ def test_state_cache_warm_starts_callers_that_pass_no_state(dtype):
         cold_start_exact(atoms, small)
 
 
+@pytest.mark.parametrize("scheme", ["quadratic", "xlbomd"])
+def test_state_cache_starts_as_the_calculator_does(scheme, monkeypatch):
+    """Over an MD trajectory long enough for the extended-Lagrangian recurrence to take over,
+    the in-model cache (scheme from NEQUIP_DEQ_EXTRAPOLATION, recorded in the metadata) starts
+    every call where DEQCalculator with the same extrapolation starts it: the same iteration
+    counts and fixed points, call by call; a bad scheme is refused."""
+    from nequip_deq.nn.extrapolation import XLBOMD_ORDER
+
+    monkeypatch.setenv("NEQUIP_DEQ_EXTRAPOLATION", scheme)
+    model = build("float64", f_tol=1e-4, b_tol=1e-4)
+    cached = with_state_cache(build("float64", f_tol=1e-4, b_tol=1e-4))
+    assert cached.metadata["deq_state_cache_extrapolation"] == scheme
+    calc = calculator(model, extrapolation=scheme)
+    for atoms in short_trajectory(steps=XLBOMD_ORDER + 4):
+        out = cached(single_frame(atoms))
+        calc.get_forces(atoms.copy())
+        assert int(out["deq_iterations"][0]) == calc.results["deq_iterations"]
+        assert int(out["deq_adjoint_iterations"][0]) == calc.results["deq_adjoint_iterations"]
+        torch.testing.assert_close(out["deq_state"], calc._starts.solutions[0][0], atol=1e-12, rtol=0)
+    monkeypatch.setenv("NEQUIP_DEQ_EXTRAPOLATION", "cubic")
+    with pytest.raises(ValueError, match=r"extrapolation 'cubic' \(from `extrapolation` or NEQUIP_DEQ_EXTRAPOLATION\)"):
+        with_state_cache(build("float64"))
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_solver_limits_are_recorded_for_compiled_models(dtype):
     """The model's metadata carries its solver tolerances (floored in float32, as the solves
@@ -314,7 +338,7 @@ def test_tolerance_per_call():
 def test_starting_point_extrapolations():
     """Each scheme reproduces the polynomials it is exact for, drops to the order the history
     allows, and an unknown name is refused."""
-    from nequip_deq.integrations.ase import extrapolate
+    from nequip_deq.nn.extrapolation import extrapolate
 
     t = torch.arange(4.0)
     history = [((2 + 3 * t[i] + t[i] ** 2) * torch.ones(2), -(t[i] ** 2) * torch.ones(2)) for i in (2, 1, 0)]
@@ -329,6 +353,40 @@ def test_starting_point_extrapolations():
     assert torch.allclose(extrapolate(history[:1], "aspc")[0], torch.full((2,), 12.0))
     with pytest.raises(ValueError, match="extrapolation 'cubic'"):
         DEQCalculator(build("float64"), device="cpu", extrapolation="cubic")
+
+
+def test_extended_lagrangian_start():
+    """xlbomd: quadratic starts until K + 1 steps of history exist; then the auxiliary state
+    follows a linear trajectory exactly (its dissipation vanishes on linear histories), comes
+    back to a constant solution from a disturbed start without blowing up, and tracks a smooth
+    oscillation; every other scheme leaves no auxiliary state."""
+    from nequip_deq.nn.extrapolation import XLBOMD_ORDER, StartingPoints
+
+    def state(value):
+        return value * torch.ones(3), -value * torch.ones(3)
+
+    starts = StartingPoints("xlbomd")
+    assert starts.start() is None
+    for n in range(XLBOMD_ORDER + 4):
+        starts.record(state(1.0 + 0.5 * n))
+        if n >= 2:  # quadratic during the warm-up, the recurrence after it: both exact here
+            assert torch.allclose(starts.start()[0], torch.full((3,), 1.0 + 0.5 * (n + 1)))
+            assert torch.allclose(starts.start()[1], torch.full((3,), -(1.0 + 0.5 * (n + 1))))
+    assert len(starts.auxiliary) == XLBOMD_ORDER + 1
+    starts._next = state(1.5)  # a solve that started far off ...
+    for _ in range(1000):  # ... and a solution that no longer moves
+        starts.record(state(1.0))
+    assert torch.allclose(starts.start()[0], torch.ones(3), atol=1e-6)
+    starts.reset()
+    errors = []
+    for n in range(400):
+        starts.record(state(float(np.sin(0.05 * n))))
+        if n > 50:
+            errors.append(abs(float(starts.start()[0][0]) - np.sin(0.05 * (n + 1))))
+    assert max(errors) < 0.01, max(errors)
+    quadratic = StartingPoints("quadratic")
+    quadratic.record(state(1.0))
+    assert quadratic.auxiliary == [] and torch.allclose(quadratic.start()[0], torch.ones(3))
 
 
 def test_tf32_raises_the_float32_tolerance_floor():
@@ -611,6 +669,31 @@ def test_torchscript_matches_eager():
     first, second = cached(single_frame(rattled("CH3CHO", 0))), cached(single_frame(rattled("CH3CHO", 0)))
     assert int(second["deq_iterations"][0]) < int(first["deq_iterations"][0])
     torch.testing.assert_close(second["forces"], first["forces"], atol=1e-8, rtol=0)
+
+
+def test_callers_that_check_nothing_get_an_error_not_inexact_forces():
+    """Scripted or compiled and called without a state (LAMMPS pair_style nequip), a model
+    whose solve ends above its tolerance at the cap, or gives non-finite values, raises with
+    the reason and the fix instead of returning the forces; with a state passed (DEQCalculator,
+    which checks the results itself) it returns them."""
+    from e3nn.util.jit import script
+    from nequip.utils.compile import conditional_torchscript_mode
+
+    set_global_state()
+    with conditional_torchscript_mode(True):
+        capped = script(with_state_cache(build("float64", f_max_iter=3)))
+        model = script(build("float64"))
+    frame = single_frame(rattled("CH3CHO", 0))
+    with pytest.raises(torch.jit.Error, match="ended above its tolerance at its iteration cap.*NEQUIP_DEQ_F_MAX_ITER"):
+        capped(dict(frame))
+    broken = dict(frame)
+    broken[AtomicDataDict.POSITIONS_KEY] = broken[AtomicDataDict.POSITIONS_KEY].clone()
+    broken[AtomicDataDict.POSITIONS_KEY][0, 0] = float("nan")
+    with pytest.raises(torch.jit.Error, match="non-finite values"):
+        model(broken)
+    width = deq_layer(build("float64")).injection.norm.irreps.dim
+    broken["deq_state"] = torch.zeros(7, width, dtype=torch.float64)
+    assert not torch.isfinite(model(broken)[AtomicDataDict.FORCE_KEY]).all()
 
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])

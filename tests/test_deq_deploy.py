@@ -24,6 +24,8 @@ from nequip_deq.nn.fixed_point import DEQEquiformerLayer
 from nequip_deq.scripts.md import load_calculator, main as md_main
 from nequip_deq.scripts.report import main as report_main
 
+import real_lammps
+
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 MODEL = [
     "training_module.model._target_=nequip_deq.model.DEQEquiformerModel",
@@ -105,7 +107,8 @@ def test_training_lowers_the_loss_and_logs_solver_statistics(trained):
 def test_report_and_md_figures(trained, tmp_path, capsys):
     """What the quickstart shows a user: nequip-deq-report writes the learning curve and the
     test-set parity and prints the test MAEs; nequip-deq-md prints a progress line with the
-    DEQ's iterations every N steps and draws energies and iterations per step."""
+    DEQ's iterations every N steps and draws energies and iterations per step, also with the
+    extended-Lagrangian start at a deploy-time tolerance."""
     ckpt = str(trained / "best.ckpt")
     assert report_main([str(trained), "--model", ckpt, "--frames", "8", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -118,6 +121,12 @@ def test_report_and_md_figures(trained, tmp_path, capsys):
     assert len((tmp_path / "md" / "steps.csv").read_text().splitlines()) == 1 + 21
     for name in ("md_energies.png", "deq_iterations.png"):
         assert (tmp_path / "md" / name).stat().st_size > 10_000
+    # the energy-conserving setting of docs/deq.md: extended-Lagrangian starts at tolerance 1e-3
+    args = ["--steps", "12", "--extrapolation", "xlbomd", "--tolerance", "1e-3", "--out", str(tmp_path / "xl")]
+    assert md_main([ckpt, *args]) == 0
+    with open(tmp_path / "xl" / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13 and int(rows[-1]["deq_iterations"]) >= 1, rows[-2:]
 
 
 def trajectory(steps):
@@ -185,19 +194,27 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
     assert loose.results["deq_adjoint_iterations"] <= 3, loose.results
 
 
-@pytest.mark.slow
-def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, tmp_path):
-    """`--target pair_nequip_deq --modifiers enable_DEQStateCache`: called as pair_style
-    nequip calls it (no state passed; periodic box with ghost atoms), the compiled model
-    warm-starts consecutive MD steps from the fixed point it kept, gives the cold eager results
-    within the solver tolerance, and starts cold for another system."""
-    compiled = tmp_path / "lmp.nequip.pt2"
+@pytest.fixture(scope="module")
+def lammps_compiled(trained, tmp_path_factory):
+    """The trained DEQ compiled for LAMMPS with its state cache."""
+    compiled = tmp_path_factory.mktemp("lmp") / "lmp.nequip.pt2"
     result = subprocess.run(
         ["nequip-compile", str(trained / "best.ckpt"), str(compiled), "--mode", "aotinductor",
          "--device", "cpu", "--target", "pair_nequip_deq", "--modifiers", "enable_DEQStateCache"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True, text=True, cwd=compiled.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return compiled
+
+
+@pytest.mark.slow
+def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, lammps_compiled):
+    """`--target pair_nequip_deq --modifiers enable_DEQStateCache`: called as pair_style
+    nequip calls it (no state passed; periodic box with ghost atoms), the compiled model
+    warm-starts consecutive MD steps from the fixed point it kept, gives the cold eager results
+    within the solver tolerance, starts cold for another system, and raises on non-finite
+    values instead of returning them."""
+    compiled = lammps_compiled
     notes = check_pair_model(torch._inductor.aoti_load_package(str(compiled)).get_metadata(), ["C", "H", "O"])
     assert any("state cache for up to 10000 atoms" in n for n in notes), notes
     assert any("DEQ solver: forward tolerance 1e-05" in n for n in notes), notes
@@ -227,7 +244,43 @@ def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, tmp_path)
     aspirin = read_molecule_npz(bundled_data_path("rmd17_aspirin_test_01_first200.npz"), frames=[0])[0]
     aspirin.center(vacuum=8.0)
     step(aspirin)  # another system: cold start, same numbers as the cold eager model
+    # LAMMPS checks nothing: the model itself stops on non-finite values, with the reason
+    broken = pair_nequip_inputs(lammps_frame(aspirin), r_max, metadata["type_names"], shuffle_seed=0)
+    broken["pos"][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite values"):
+        model(broken)
     with pytest.raises(ValueError, match=r"compiled for `--target pair_nequip_deq`; ASE needs `--target ase_deq`"):
         load_calculator(str(compiled), "cpu")
     with pytest.raises(ValueError, match=r"`--target pair_nequip_deq`: DEQCalculator needs .*`--target ase_deq`"):
         DEQCalculator.from_compiled_model(str(compiled))
+
+
+@pytest.mark.slow
+def test_real_lammps_runs_the_deq_from_its_state_cache(trained, lammps_compiled, lammps_plugin, tmp_path):
+    """In a real LAMMPS with the official pair_style nequip (tests/real_lammps.py), the DEQ with
+    its state cache gives the cold eager energy and forces on the shipped molecule and periodic
+    box (within the solver tolerance); the shipped inputs run NVE with finite, conserved total
+    energy; and the warm start shows: re-running a smooth trajectory takes LAMMPS less time
+    than one in which an atom jumps beyond the cache's match distance every frame (cold)."""
+    cold = load_calculator(str(trained / "best.ckpt"), "cpu")
+    cold.warm_start = False
+    for system in ("molecule", "box"):
+        energy, forces = real_lammps.single_point(lammps_plugin, tmp_path, lammps_compiled, system)
+        ref = real_lammps.structure(system)
+        ref.calc = cold
+        assert abs(energy - ref.get_potential_energy()) < 1e-4 * len(ref)
+        np.testing.assert_allclose(forces, ref.get_forces(), atol=2e-3, rtol=0)
+    for script, steps in (("in.molecule", 200), ("in.box", 40)):
+        table = real_lammps.shipped_nve(lammps_plugin, tmp_path, lammps_compiled, script, steps)
+        assert table["Step"][-1] == steps
+        assert real_lammps.energy_drift_ratio(table) < 0.05, table
+    start = real_lammps.structure("molecule").positions
+    drift = np.random.default_rng(0).normal(scale=0.003, size=start.shape)  # Å per frame, as in MD
+    smooth = [start + k * drift for k in range(30)]
+    jump = np.zeros_like(start)
+    jump[0, 0] = 0.6  # beyond DEFAULT_MAX_DISPLACEMENT (0.5 Å): no match, a cold start
+    jumping = [frame + (k % 2) * jump for k, frame in enumerate(smooth)]
+    seconds = real_lammps.rerun_seconds(
+        lammps_plugin, tmp_path, lammps_compiled, "molecule", {"cold": jumping, "warm": smooth}
+    )
+    assert seconds["warm"] < 0.7 * seconds["cold"], seconds

@@ -16,28 +16,8 @@ from .._compile_targets import (
     solver_limits,
 )
 from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY, SOLVER_STATISTICS
+from ..nn.extrapolation import SCHEMES, StartingPoints
 from ..nn.solvers import TF32_TOLERANCE_FLOOR, FixedPointError, tolerance_floor
-
-
-# coefficients of s_n, s_{n-1}, ... in the starting point of the next solve
-EXTRAPOLATIONS = {
-    "previous": (1.0,),
-    "linear": (2.0, -1.0),
-    "quadratic": (3.0, -3.0, 1.0),
-    "aspc": (2.5, -2.0, 0.5),
-}
-
-
-def extrapolate(history: list, scheme: str):
-    """Starting ``(z0, v0)`` from ``history`` (``(z*, v*)`` pairs, newest first) by
-    :data:`EXTRAPOLATIONS` ``[scheme]``, or by the highest order the history allows
-    (``linear`` when a three-point scheme has only two solutions, ``previous`` with one)."""
-    coefficients = EXTRAPOLATIONS[scheme]
-    if len(history) < len(coefficients):
-        coefficients = EXTRAPOLATIONS[("previous", "linear")[len(history) - 1]]
-    z = sum(c * s[0] for c, s in zip(coefficients, history))
-    v = sum(c * s[1] for c, s in zip(coefficients, history))
-    return z, v
 
 
 class DEQCalculator(NequIPCalculator):
@@ -47,15 +27,12 @@ class DEQCalculator(NequIPCalculator):
     MD are close to the new ones, so a step needs far fewer iterations. Results differ from a
     cold start only within the solver tolerances.
 
-    The start is extrapolated from the previous solutions of the same atoms
-    (``extrapolation``, :data:`EXTRAPOLATIONS`): ``quadratic`` (default)
-    :math:`3 s_n - 3 s_{n-1} + s_{n-2}`, ``linear`` :math:`2 s_n - s_{n-1}`, ``aspc`` (the
-    always-stable predictor of polarizable force fields, Kolafa 2004,
-    :math:`\\tfrac52 s_n - 2 s_{n-1} + \\tfrac12 s_{n-2}`) or ``previous`` (:math:`s_n`). MD
-    trajectories are smooth, so each order brings the start closer to the new solution (on
-    aspirin at tolerance 1e-3: 5.6 + 4.4 forward + adjoint iterations per step from
-    :math:`s_n`, 3.6 + 2.9 linear, 2.2 + 2.0 quadratic; docs/deq.md). With fewer stored
-    solutions than a scheme needs, the next lower order is used.
+    The start comes from the previous solves of the same atoms (``extrapolation``, one of
+    :data:`~nequip_deq.nn.extrapolation.SCHEMES`; see that module): ``quadratic``
+    (default) extrapolates the last three solutions and needs the fewest iterations;
+    ``xlbomd`` (extended Lagrangian) follows them with a time-reversible auxiliary state and
+    conserves energy far better at loose tolerances for a few more iterations per step
+    (docs/deq.md tabulates both).
 
     Falls back to a cold start (zeros) on the first call, when the atomic numbers change
     (count or order), when the stored state has the wrong shape, or after :meth:`reset_state`.
@@ -98,10 +75,8 @@ class DEQCalculator(NequIPCalculator):
     ):
         if tolerance is not None and not tolerance > 0:
             raise ValueError(f"tolerance {tolerance} must be > 0 (a relative residual, e.g. 1e-4).")
-        if extrapolation not in EXTRAPOLATIONS:
-            raise ValueError(
-                f"extrapolation {extrapolation!r}: choose one of {sorted(EXTRAPOLATIONS)}."
-            )
+        if extrapolation not in SCHEMES:
+            raise ValueError(f"extrapolation {extrapolation!r}: choose one of {list(SCHEMES)}.")
         super().__init__(*args, **kwargs)
         self.warm_start = warm_start
         self.extrapolation = extrapolation
@@ -158,7 +133,7 @@ class DEQCalculator(NequIPCalculator):
 
     def reset_state(self) -> None:
         """Forget the stored fixed points: the next call starts cold."""
-        self._history = []  # up to three (z*, v*) of the current atoms, newest first
+        self._starts = StartingPoints(self.extrapolation)  # of the current atoms
         self._numbers = None
         self._warm = False
 
@@ -168,15 +143,15 @@ class DEQCalculator(NequIPCalculator):
         same_atoms = (
             self._numbers is not None
             and np.array_equal(numbers, self._numbers)
-            and all(z.shape[0] == num_atoms for z, _ in self._history)
+            and all(z.shape[0] == num_atoms for z, _ in self._starts.solutions)
         )
         if not same_atoms:
-            self._history = []
-        warm = self.warm_start and len(self._history) > 0
+            self._starts.reset()
+        warm = self.warm_start and len(self._starts) > 0
         # states travel in the dtype of the positions (the dtype a compiled model was traced with)
         dtype = data[AtomicDataDict.POSITIONS_KEY].dtype
         if warm:
-            z, v = extrapolate(self._history, self.extrapolation)
+            z, v = self._starts.start()
             data[DEQ_STATE_KEY], data[DEQ_ADJOINT_STATE_KEY] = z.to(dtype), v.to(dtype)
         elif self.state_width is not None:  # compiled models always take a state
             zeros = torch.zeros(num_atoms, self.state_width, dtype=dtype, device=self.device)
@@ -185,7 +160,7 @@ class DEQCalculator(NequIPCalculator):
             data[DEQ_TOLERANCE_KEY] = torch.tensor([self.tolerances], dtype=dtype, device=self.device)
         out = super().call_model(data)
         solution = (out[DEQ_STATE_KEY].detach(), out[DEQ_ADJOINT_STATE_KEY].detach())
-        self._history = ([solution] + self._history)[:3]
+        self._starts.record(solution)
         self._numbers = numbers.copy()
         self._warm = warm
         return out

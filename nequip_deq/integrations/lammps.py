@@ -35,6 +35,7 @@ from nequip.data import AtomicDataDict
 
 from .._compile_targets import (
     PAIR_NEQUIP_DEQ_TARGET,
+    STATE_CACHE_EXTRAPOLATION_METADATA_KEY,
     STATE_CACHE_METADATA_KEY,
     STATE_WIDTH_METADATA_KEY,
     compiled_target,
@@ -90,9 +91,10 @@ def check_pair_model(metadata: dict, lammps_elements: Sequence[str]) -> List[str
             "the previous fixed point."
         )
     elif is_deq:
+        scheme = metadata.get(STATE_CACHE_EXTRAPOLATION_METADATA_KEY, "quadratic")
         notes.append(
             f"DEQ state cache for up to {metadata[STATE_CACHE_METADATA_KEY]} atoms (larger systems "
-            "start cold every step)."
+            f"start cold every step), {scheme} starting points."
         )
     return notes
 

@@ -39,6 +39,7 @@ from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
 from .. import _keys
 from .._compile_targets import (
     SOLVER_METADATA_KEYS,
+    STATE_CACHE_EXTRAPOLATION_METADATA_KEY,
     STATE_CACHE_METADATA_KEY,
     STATE_WIDTH_METADATA_KEY,
     announce_to_compile_targets,
@@ -47,9 +48,11 @@ from .block import EquiformerBlock
 from .injection import Injection
 from .solvers import FixedPointError, FixedPointSolvers, check_solution, tolerance_floor
 from .state_cache import (
+    CACHE_SCHEMES,
     CAPACITY_ENV,
     DEFAULT_CAPACITY,
     DEFAULT_MAX_DISPLACEMENT,
+    EXTRAPOLATION_ENV,
     DEQStateCache,
     cache_inputs,
 )
@@ -96,6 +99,51 @@ def _call_tolerances(given: torch.Tensor, floor: float) -> Tuple[float, float]:
     annotated as floats for TorchScript, which never reads this input.)"""
     given = given.reshape(-1, 2).clamp_min(floor)
     return given[:, 0], given[:, 1]
+
+
+def _stop_messages() -> Tuple[str, str]:
+    """The errors of :func:`_stop_unless_solved` (non-finite, not converged); a function
+    because TorchScript cannot read module-level strings."""
+    not_finite = (
+        "nequip-deq: the DEQ solve gave non-finite values (it diverged, or the positions are not "
+        "finite), so the model stops instead of returning them. Check the structure (overlapping "
+        "atoms?) and the time step."
+    )
+    not_converged = (
+        "nequip-deq: a DEQ solve ended above its tolerance at its iteration cap, so the model "
+        "stops instead of returning inexact forces. Recompile with a larger cap or a looser "
+        "tolerance (NEQUIP_DEQ_F_MAX_ITER, NEQUIP_DEQ_B_MAX_ITER, NEQUIP_DEQ_F_TOL, "
+        "NEQUIP_DEQ_B_TOL with `--modifiers set_DEQSolverTolerances`), or check the structure."
+    )
+    return not_finite, not_converged
+
+
+def _stop_unless_solved(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    per_atom: torch.Tensor,
+    f_res: torch.Tensor,
+    b_res: torch.Tensor,
+    f_tol: float,
+    b_tol: float,
+) -> None:
+    """For compiled and scripted models called without a state (LAMMPS ``pair_style nequip``,
+    nequip's plain ``ase`` target), whose callers check nothing: raise instead of returning
+    non-finite values or the forces of a solve that ended above its tolerance at the
+    iteration cap (60 by default, several times what a solve needs: hitting it means
+    something is wrong). LAMMPS stops with the message. (Tolerances may be per-frame tensors,
+    annotated as floats for TorchScript.)"""
+    finite = torch.isfinite(z).all() & torch.isfinite(v).all() & torch.isfinite(per_atom).all()
+    converged = (f_res <= f_tol).all() & (b_res <= b_tol).all()
+    not_finite, not_converged = _stop_messages()
+    if torch.jit.is_scripting():  # TorchScript's interpreter ignores _assert_async
+        if not bool(finite):
+            raise RuntimeError(not_finite)
+        if not bool(converged):
+            raise RuntimeError(not_converged)
+    else:  # data-dependent checks that AOTInductor keeps
+        torch._assert_async(finite, not_finite)
+        torch._assert_async(converged, not_converged)
 
 
 class _TotalEnergyGradientOnly(torch.autograd.Function):
@@ -253,6 +301,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         out.update({k: str(v) for k, v in zip(SOLVER_METADATA_KEYS, settings)})
         if self.state_cache.capacity > 0:
             out[STATE_CACHE_METADATA_KEY] = str(self.state_cache.capacity)
+            out[STATE_CACHE_EXTRAPOLATION_METADATA_KEY] = self.state_cache.extrapolation
         return out
 
     @model_modifier(persistent=False)
@@ -262,12 +311,15 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         model: torch.nn.Module,
         capacity: Optional[int] = None,
         max_displacement: float = DEFAULT_MAX_DISPLACEMENT,
+        extrapolation: Optional[str] = None,
     ) -> torch.nn.Module:
-        """Keep the last fixed point inside the model and warm-start the next call from it
+        """Keep the last fixed points inside the model and warm-start the next call from them
         when it is the same system a moment later (:mod:`~nequip_deq.nn.state_cache`): for
         callers that pass no state, such as LAMMPS ``pair_style nequip``. ``capacity`` (atoms;
         default: environment variable ``NEQUIP_DEQ_STATE_CACHE_ATOMS`` or 10000) bounds the
-        systems that profit; larger ones run cold."""
+        systems that profit; larger ones run cold. ``extrapolation`` (default: environment
+        variable ``NEQUIP_DEQ_EXTRAPOLATION`` or ``quadratic``): the starting point,
+        ``quadratic`` or ``xlbomd`` (:mod:`~nequip_deq.nn.extrapolation`)."""
         if capacity is None:
             capacity = int(os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
         if capacity < 1:
@@ -275,12 +327,19 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
                 f"enable_DEQStateCache: capacity {capacity} must be a number of atoms >= 1 "
                 f"(set {CAPACITY_ENV} or pass `capacity`)."
             )
+        if extrapolation is None:
+            extrapolation = os.environ.get(EXTRAPOLATION_ENV) or "quadratic"
+        if extrapolation not in CACHE_SCHEMES:
+            raise ValueError(
+                f"enable_DEQStateCache: extrapolation {extrapolation!r} (from `extrapolation` or "
+                f"{EXTRAPOLATION_ENV}): choose one of {list(CACHE_SCHEMES)}."
+            )
 
         def factory(layer: "DEQEquiformerLayer") -> "DEQEquiformerLayer":
             old = layer.state_cache
             layer.state_cache = DEQStateCache(
-                capacity, old.state.shape[1], old.state.dtype, max_displacement
-            ).to(old.state.device)
+                capacity, old.width, old.states.dtype, max_displacement, extrapolation
+            ).to(old.states.device)
             return layer
 
         return replace_submodules(model, cls, factory)
@@ -464,7 +523,9 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
                 & torch.isfinite(z_star).all()
                 & torch.isfinite(v_star).all()
             )
-            self.state_cache.store(pos, types, z_star, v_star, cache_hit, good)
+            self.state_cache.store(pos, types, (z0, v0), (z_star, v_star), cache_hit, good)
+        if not eager and _keys.DEQ_STATE_KEY not in data:
+            _stop_unless_solved(z_star, v_star, per_atom, f_res, b_res, f_tol, b_tol)
         data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
         data[_keys.DEQ_STATE_KEY] = z_star.detach()
         data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()

@@ -3,9 +3,9 @@
 LAMMPS' ``pair_style nequip`` calls a compiled model once per MD step with positions, edges,
 types and cell only: it has no way to hand back the previous step's :math:`z^*`. With the
 cache enabled (model modifier ``enable_DEQStateCache``, e.g. ``nequip-compile ... --modifiers
-enable_DEQStateCache``), the DEQ layer keeps :math:`z^*`, :math:`v^*`, the positions and the
-types of its last call in buffers. The next call starts from them when it is *the same system a
-moment later*:
+enable_DEQStateCache``), the DEQ layer keeps the last calls' :math:`z^*` and :math:`v^*` (and,
+for the extended-Lagrangian start, its auxiliary states) and the last positions and types in
+buffers. The next call starts from them when it is *the same system a moment later*:
 
 - the same number of atoms :math:`N \\le` ``capacity``,
 - the same type at every index,
@@ -18,29 +18,35 @@ any start, results depend on the history only within the solver tolerance; the c
 how many iterations a step costs, not what it returns.
 
 Buffers are fixed-size (``capacity`` atoms; an AOTInductor model cannot grow them) and not
-saved in checkpoints. Systems larger than ``capacity`` run cold every step.
+saved in checkpoints: ``6 X`` numbers per atom with the quadratic start, ``22 X`` with
+``xlbomd`` (``X``: the state width). Systems larger than ``capacity`` run cold every step.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from nequip.data import AtomicDataDict
 
+from .extrapolation import XLBOMD, XLBOMD_ORDER
+
 DEFAULT_CAPACITY = 10000
 CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"  # overrides DEFAULT_CAPACITY for nequip-compile
 DEFAULT_MAX_DISPLACEMENT = 0.5  # Å; MD moves atoms ~0.01-0.05 Å per step
+CACHE_SCHEMES = ("quadratic", "xlbomd")
+EXTRAPOLATION_ENV = "NEQUIP_DEQ_EXTRAPOLATION"  # the cache's scheme for nequip-compile
 
 
 class DEQStateCache(torch.nn.Module):
-    """The last three calls' fixed points and adjoints, and the last positions and types
+    """The last calls' fixed points and adjoints, and the last positions and types
     (``capacity`` rows each).
 
-    A matching call starts from the quadratic extrapolation
-    :math:`z_0 = 3 z^*_{n} - 3 z^*_{n-1} + z^*_{n-2}` (as
-    :class:`~nequip_deq.integrations.ase.DEQCalculator` does by default) when the three previous
-    calls were the same system, from :math:`2 z^*_{n} - z^*_{n-1}` after two, from
-    :math:`z^*_n` after one, and from zeros otherwise; the adjoint alike.
+    A matching call starts as :class:`~nequip_deq.integrations.ase.DEQCalculator` does
+    (:mod:`~nequip_deq.nn.extrapolation`): with ``extrapolation="quadratic"`` from
+    :math:`3 z^*_{n} - 3 z^*_{n-1} + z^*_{n-2}` when the three previous calls were the same
+    system, :math:`2 z^*_{n} - z^*_{n-1}` after two, :math:`z^*_n` after one; with ``"xlbomd"``
+    from the extended-Lagrangian auxiliary state once :math:`K + 1` calls of the same system
+    are stored (quadratic until then); from zeros otherwise; the adjoint alike.
 
     Every read of a buffer goes through rows that depend on the input's atom count
     (``index_select``), and a call reads and writes ``N`` rows, never the whole capacity.
@@ -53,6 +59,7 @@ class DEQStateCache(torch.nn.Module):
         width: state width ``X`` (the dimension of the node-feature irreps)
         dtype: dtype of the states (the model dtype)
         max_displacement: largest per-atom move (Å) for which a call counts as the same system
+        extrapolation: ``quadratic`` or ``xlbomd`` (keeps ``K + 1`` more states per atom)
     """
 
     def __init__(
@@ -61,20 +68,36 @@ class DEQStateCache(torch.nn.Module):
         width: int,
         dtype: torch.dtype = torch.float32,
         max_displacement: float = DEFAULT_MAX_DISPLACEMENT,
+        extrapolation: str = "quadratic",
     ):
         super().__init__()
+        if extrapolation not in CACHE_SCHEMES:
+            raise ValueError(
+                f"state cache extrapolation {extrapolation!r}: choose one of {list(CACHE_SCHEMES)}."
+            )
         self.capacity = int(capacity)
+        self.width = int(width)
         self.max_displacement = float(max_displacement)
+        self.extrapolation = extrapolation
+        self.xlbomd = extrapolation == "xlbomd"
+        kappa, alpha, c = XLBOMD[XLBOMD_ORDER]
+        self.xl_kappa = float(kappa)
+        self.xl_damping: List[float] = [float(alpha * ck) for ck in c]
+        # consecutive calls of one system after which the start has its full order
+        self.full_depth = XLBOMD_ORDER if self.xlbomd else 2
+        kept = XLBOMD_ORDER + 1 if self.xlbomd else 0
         buffers = {
             "num_atoms": torch.full((1,), -1, dtype=torch.long),
             "types": torch.full((self.capacity,), -1, dtype=torch.long),
             "positions": torch.zeros(self.capacity, 3, dtype=torch.float64),
-            # per row: how many of the older solutions (_prev, _prev2) belong to the same
-            # system as state / adjoint (0, 1 or 2)
+            # per row: how many older calls (up to full_depth) were the same system
             "depth": torch.zeros(self.capacity, dtype=torch.long),
+            # solutions z*_n, z*_{n-1}, z*_{n-2} (and v*); xlbomd: p_n ... p_{n-K}
+            "states": torch.zeros(3, self.capacity, width, dtype=dtype),
+            "adjoints": torch.zeros(3, self.capacity, width, dtype=dtype),
+            "aux_states": torch.zeros(kept, self.capacity, width, dtype=dtype),
+            "aux_adjoints": torch.zeros(kept, self.capacity, width, dtype=dtype),
         }
-        for name in ("state", "state_prev", "state_prev2", "adjoint", "adjoint_prev", "adjoint_prev2"):
-            buffers[name] = torch.zeros(self.capacity, width, dtype=dtype)
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
 
@@ -85,13 +108,13 @@ class DEQStateCache(torch.nn.Module):
         idx = torch.arange(n, device=device)
         return idx.clamp(max=self.capacity - 1), idx < self.capacity
 
-    def _stored(self, buffer: torch.Tensor, n: int, fill: float) -> torch.Tensor:
-        """The first ``n`` stored rows (``fill`` beyond the capacity)."""
+    def _stored(self, buffer: torch.Tensor, n: int, fill: float, dim: int = 0) -> torch.Tensor:
+        """The first ``n`` stored rows along ``dim`` (``fill`` beyond the capacity)."""
         rows, fits = self._rows(n, buffer.device)
-        got = buffer.index_select(0, rows)
-        if got.dim() > 1:
-            fits = fits.unsqueeze(-1)
-        return torch.where(fits, got, torch.full_like(got, fill))
+        got = buffer.index_select(dim, rows)
+        shape = [1] * got.dim()
+        shape[dim] = n
+        return torch.where(fits.reshape(shape), got, torch.full_like(got, fill))
 
     def matches(
         self, pos: torch.Tensor, types: torch.Tensor, cell: Optional[torch.Tensor]
@@ -106,15 +129,25 @@ class DEQStateCache(torch.nn.Module):
         small = move.square().sum(-1).max() < self.max_displacement**2
         return same_size & same_types & small
 
+    def _depth(self, n: int) -> torch.Tensor:
+        """0-dim: how many older calls of this system every one of the ``n`` rows has."""
+        return self._stored(self.depth, n, 0.0).min()
+
     def _start(
-        self, history: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], hit: torch.Tensor, zero: torch.Tensor
+        self, solutions: torch.Tensor, auxiliary: torch.Tensor, hit: torch.Tensor, zero: torch.Tensor
     ) -> torch.Tensor:
         n = zero.shape[0]
-        s0, s1, s2 = [self._stored(buffer, n, 0.0).to(zero.dtype) for buffer in history]
-        depth = self._stored(self.depth, n, 0.0).min()
+        s = self._stored(solutions, n, 0.0, dim=1).to(zero.dtype)
+        depth = self._depth(n)
         start = torch.where(
-            depth >= 2, 3.0 * s0 - 3.0 * s1 + s2, torch.where(depth == 1, 2.0 * s0 - s1, s0)
+            depth >= 2, 3.0 * s[0] - 3.0 * s[1] + s[2], torch.where(depth == 1, 2.0 * s[0] - s[1], s[0])
         )
+        if self.xlbomd:
+            p = self._stored(auxiliary, n, 0.0, dim=1).to(zero.dtype)
+            xl = (2.0 - self.xl_kappa) * p[0] - p[1] + self.xl_kappa * s[0]
+            for k, c in enumerate(self.xl_damping):
+                xl = xl + c * p[k]
+            start = torch.where(depth >= self.full_depth, xl, start)
         return torch.where(hit, start, zero)
 
     def lookup(
@@ -123,34 +156,39 @@ class DEQStateCache(torch.nn.Module):
         """Starting points ``(z0, v0)``, each like ``zero`` ``(N, X)`` (see the class
         docstring), and whether the call :meth:`matches` the stored system."""
         hit = self.matches(pos, types, cell)
-        z0 = self._start((self.state, self.state_prev, self.state_prev2), hit, zero)
-        v0 = self._start((self.adjoint, self.adjoint_prev, self.adjoint_prev2), hit, zero)
+        z0 = self._start(self.states, self.aux_states, hit, zero)
+        v0 = self._start(self.adjoints, self.aux_adjoints, hit, zero)
         return z0, v0, hit
+
+    def _push(self, buffer: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+        """Shift the history ``buffer`` ``(H, capacity, X)`` one step older in ``rows`` and put
+        ``new`` ``(N, X)`` in front."""
+        older = buffer.index_select(1, rows)[:-1]
+        buffer.index_copy_(1, rows, torch.cat([new.detach().to(buffer.dtype).unsqueeze(0), older], 0))
 
     def store(
         self,
         pos: torch.Tensor,
         types: torch.Tensor,
-        z: torch.Tensor,
-        v: torch.Tensor,
+        starts: Tuple[torch.Tensor, torch.Tensor],
+        solutions: Tuple[torch.Tensor, torch.Tensor],
         hit: torch.Tensor,
         good: torch.Tensor,
     ) -> None:
-        """Keep this call's system and solutions (``hit``: from :meth:`lookup`). A system
-        larger than the capacity, or solutions that are not ``good`` (0-dim bool: both solves
-        converged, all values finite), are marked unmatchable: the next call starts cold
-        instead of from them."""
+        """Keep this call's system and solutions ``(z*, v*)`` (``starts``, ``hit``: from
+        :meth:`lookup`). A system larger than the capacity, or solutions that are not ``good``
+        (0-dim bool: both solves converged, all values finite), are marked unmatchable: the
+        next call starts cold instead of from them."""
         n = pos.shape[0]
         rows, _ = self._rows(n, pos.device)
-        for newer, older in (
-            (self.state_prev, self.state_prev2), (self.state, self.state_prev),
-            (self.adjoint_prev, self.adjoint_prev2), (self.adjoint, self.adjoint_prev),
-        ):
-            older.index_copy_(0, rows, newer.index_select(0, rows))
-        depth = (self.depth.index_select(0, rows) + 1).clamp(max=2)
+        if self.xlbomd:  # p_n: the start, when it came from the recurrence; else z*_n
+            from_recurrence = hit & (self._depth(n) >= self.full_depth)
+            self._push(self.aux_states, rows, torch.where(from_recurrence, starts[0], solutions[0]))
+            self._push(self.aux_adjoints, rows, torch.where(from_recurrence, starts[1], solutions[1]))
+        self._push(self.states, rows, solutions[0])
+        self._push(self.adjoints, rows, solutions[1])
+        depth = (self.depth.index_select(0, rows) + 1).clamp(max=self.full_depth)
         self.depth.index_copy_(0, rows, torch.where(hit, depth, torch.zeros_like(depth)))
-        self.state.index_copy_(0, rows, z.detach().to(self.state.dtype))
-        self.adjoint.index_copy_(0, rows, v.detach().to(self.adjoint.dtype))
         self.types.index_copy_(0, rows, types)
         self.positions.index_copy_(0, rows, pos.detach().to(torch.float64))
         size = torch.full_like(self.num_atoms, n)

@@ -29,6 +29,7 @@ from ase.md.verlet import VelocityVerlet
 
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
+from nequip_deq.nn.extrapolation import SCHEMES
 
 DEFAULT_STRUCTURE = "rmd17_aspirin_test_01_first200.npz"
 
@@ -70,12 +71,13 @@ def check_elements(atoms: Atoms, calculator) -> None:
                 )
 
 
-def load_calculator(model: str, device: str, extrapolation: str = "quadratic"):
+def load_calculator(model: str, device: str, extrapolation: str = "quadratic", tolerance=None):
     """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
     (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
     models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
     refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
-    (:data:`~nequip_deq.integrations.ase.EXTRAPOLATIONS`)."""
+    (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
+    every call (default: the model's)."""
     from nequip.integrations.ase import NequIPCalculator
 
     from nequip_deq._compile_targets import STATE_WIDTH_METADATA_KEY, compiled_target
@@ -99,7 +101,8 @@ def load_calculator(model: str, device: str, extrapolation: str = "quadratic"):
                 model, device=device, chemical_species_to_atom_type_map=True
             )
         return DEQCalculator.from_compiled_model(
-            model, device=device, chemical_species_to_atom_type_map=True, extrapolation=extrapolation
+            model, device=device, chemical_species_to_atom_type_map=True, extrapolation=extrapolation,
+            tolerance=tolerance,
         )
     if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(
@@ -110,7 +113,10 @@ def load_calculator(model: str, device: str, extrapolation: str = "quadratic"):
     )
     # by class name: a packaged model (.nequip.zip) carries its own copy of the class
     if any(type(m).__name__ == DEQEquiformerLayer.__name__ for m in calc.model.modules()):
-        return DEQCalculator(calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation)
+        return DEQCalculator(
+            calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation,
+            tolerance=tolerance,
+        )
     return calc
 
 
@@ -232,11 +238,14 @@ def main(argv=None):
     parser.add_argument("--print-every", type=int, default=50, help="progress line interval (steps; 0: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--extrapolation", default="quadratic", choices=["previous", "linear", "quadratic", "aspc"],
+    parser.add_argument("--extrapolation", default="quadratic", choices=SCHEMES,
                         help="DEQ models: starting point of each step's solves from the previous ones")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="DEQ models: solver tolerance of every step (default: the model's; "
+                        "docs/deq.md tabulates drift and cost against it)")
     args = parser.parse_args(argv)
 
-    calc = load_calculator(args.model, args.device, args.extrapolation)
+    calc = load_calculator(args.model, args.device, args.extrapolation, args.tolerance)
     limits = getattr(calc, "solver_limits", None)
     if limits is not None:
         print(f"DEQ solver: forward tolerance {limits['f_tol']:g} (cap {limits['f_max_iter']} "
