@@ -83,7 +83,7 @@ def compiled(source: Path, out: Path, target: str, modifiers=(), env=None) -> Pa
     return out
 
 
-def deq_models(checkpoint: Path, work: Path, tolerance=None, extrapolation: str = "quadratic"):
+def deq_models(checkpoint: Path, work: Path, tolerance=None, extrapolation: str = "xlbomd"):
     """The DEQ compiled for ASE (``ase_deq``: takes its tolerance with each call) and for the
     pair-style call (``pair_nequip_deq`` with the state cache and its ``extrapolation``; its
     tolerance compiled in with ``set_DEQSolverTolerances`` when ``tolerance`` is given, else

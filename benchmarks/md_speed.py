@@ -4,7 +4,7 @@ ASE with ``--target ase_deq`` and called as LAMMPS' ``pair_style nequip`` calls 
 explicit 6-block EquiformerModel of the DEQ's width and nequip's NequIP with the same irreps.
 
     python benchmarks/md_speed.py --deq-checkpoint outputs/qs_deq/train/best.ckpt \\
-        [--tolerance 1e-3] [--extrapolation quadratic] [--work outputs/md_speed] [--steps 200] [--box-grid 3] [--box-steps 40]
+        [--tolerance 1e-3] [--extrapolation xlbomd] [--work outputs/md_speed] [--steps 200] [--box-grid 3] [--box-steps 40]
 
 Systems: rMD17 aspirin (21 atoms) and a periodic box of ``box-grid``³ aspirin molecules
 (567 atoms at the default 3). The trajectory is NVE velocity Verlet at 0.5 fs from 300 K run
@@ -47,6 +47,7 @@ from nequip_deq._keys import SOLVER_STATISTICS
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.integrations.lammps import lammps_frame, pair_nequip_inputs
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, XLBOMD_ORDER
 from nequip_deq.nn.state_cache import CACHE_SCHEMES
 from nequip_deq.scripts.md import load_calculator
 
@@ -188,7 +189,7 @@ def main():
     parser.add_argument("--box-steps", type=int, default=40, help="MD steps on the box")
     parser.add_argument("--png", type=Path, default=None, help="iterations per step over the runs")
     parser.add_argument("--tolerance", type=float, default=None, help="DEQ solver tolerance (default: the model's)")
-    parser.add_argument("--extrapolation", default="quadratic", choices=CACHE_SCHEMES,
+    parser.add_argument("--extrapolation", default=DEFAULT_SCHEME, choices=CACHE_SCHEMES,
                         help="DEQ starting points, through ASE and in the state cache of the pair-style call")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -219,12 +220,13 @@ def main():
         print("   eager timings of the DEQ's parts (the floor)", flush=True)
         deq_calc = DEQCalculator.from_compiled_model(deq_ase, **deq_options)
         split = []
-        for frame in frames[-6:]:  # the first three calls start cold or extrapolate less
+        # the first calls start cold or extrapolate less (xlbomd: quadratic for K + 1 calls)
+        for frame in frames[-(XLBOMD_ORDER + 5):]:
             frame = frame.copy()
             frame.calc = deq_calc
             frame.get_forces()
             split.append((deq_calc.results["deq_iterations"], deq_calc.results["deq_adjoint_iterations"]))
-        n_f, n_b = np.mean(split[3:], axis=0)
+        n_f, n_b = np.mean(split[XLBOMD_ORDER + 2:], axis=0)
         report.append((name, len(atoms), rows, floor(args.deq_checkpoint, frames[-1], n_f, n_b, args.tolerance), (n_f, n_b)))
 
     tol = args.tolerance or DEQCalculator.from_compiled_model(deq_ase, **compiled_ase).tolerances[0]

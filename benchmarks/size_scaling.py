@@ -8,8 +8,9 @@ log-log plot.
         [--tolerance 1e-3] [--work outputs/md_speed] [--grids 1 2 3 4 5 7] [--png docs/size_scaling.png]
 
 The models are those of ``md_speed.py`` (same ``--work`` directory: made once, reused). A warm
-DEQ call is the fourth step of a short NVE run from 300 K (0.5 fs), so that it starts from the
-extrapolation of three previous fixed points, as in MD. Systems larger than the state cache's
+DEQ call is the fourth step of a short NVE run from 300 K (0.5 fs), started (through ASE and in
+the state cache) from the quadratic extrapolation of the three previous fixed points: the
+extended-Lagrangian start needs eight steps of history, too many to run at every size. Systems larger than the state cache's
 capacity (``NEQUIP_DEQ_STATE_CACHE_ATOMS`` at compile time, default 10000) start every
 pair-style call cold: the output says so when a box is that large.
 """
@@ -51,7 +52,7 @@ def main():
     parser.add_argument("--tolerance", type=float, default=None, help="DEQ solver tolerance (default: the model's)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    deq_ase, deq_pair = comparison_models.deq_models(args.deq_checkpoint, args.work, args.tolerance)
+    deq_ase, deq_pair = comparison_models.deq_models(args.deq_checkpoint, args.work, args.tolerance, "quadratic")
     explicit, nequip, _ = comparison_models.timing_models(args.deq_checkpoint, args.work)
     options = dict(device="cpu", chemical_species_to_atom_type_map=True)
     capacity = int(torch._inductor.aoti_load_package(str(deq_pair)).get_metadata().get("deq_state_cache_atoms", 0))
@@ -64,9 +65,9 @@ def main():
         n = len(atoms)
         print(f"== {n} atoms ({grid}^3 aspirin)", flush=True)
         frames, _, _ = trajectory(
-            DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, **options), atoms, WARM_STEPS
+            DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, extrapolation="quadratic", **options), atoms, WARM_STEPS
         )
-        warm = ase_caller(DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, **options))
+        warm = ase_caller(DEQCalculator.from_compiled_model(deq_ase, tolerance=args.tolerance, extrapolation="quadratic", **options))
         for frame in frames:  # the last call is the timed one, extrapolated from three
             seconds, its, _ = warm(frame)
         results = {"DEQ warm, ASE": (seconds, its)}

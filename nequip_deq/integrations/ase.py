@@ -16,7 +16,7 @@ from .._compile_targets import (
     solver_limits,
 )
 from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY, SOLVER_STATISTICS
-from ..nn.extrapolation import SCHEMES, StartingPoints
+from ..nn.extrapolation import DEFAULT_SCHEME, SCHEMES, StartingPoints
 from ..nn.solvers import TF32_TOLERANCE_FLOOR, FixedPointError, tolerance_floor
 
 
@@ -28,11 +28,11 @@ class DEQCalculator(NequIPCalculator):
     cold start only within the solver tolerances.
 
     The start comes from the previous solves of the same atoms (``extrapolation``, one of
-    :data:`~nequip_deq.nn.extrapolation.SCHEMES`; see that module): ``quadratic``
-    (default) extrapolates the last three solutions and needs the fewest iterations;
-    ``xlbomd`` (extended Lagrangian) follows them with a time-reversible auxiliary state and
-    conserves energy far better at loose tolerances for a few more iterations per step
-    (docs/deq.md tabulates both).
+    :data:`~nequip_deq.nn.extrapolation.SCHEMES`; see that module): ``xlbomd`` (default, the
+    extended Lagrangian) follows them with a time-reversible auxiliary state and conserves
+    energy as well as an explicit model down to tolerance 1e-3; ``quadratic`` extrapolates
+    the last three solutions and needs about half the iterations, but its solve error acts as
+    a friction in NVE (docs/deq.md tabulates both).
 
     Falls back to a cold start (zeros) on the first call, when the atomic numbers change
     (count or order), when the stored state has the wrong shape, or after :meth:`reset_state`.
@@ -67,7 +67,7 @@ class DEQCalculator(NequIPCalculator):
         self,
         *args,
         warm_start: bool = True,
-        extrapolation: str = "quadratic",
+        extrapolation: str = DEFAULT_SCHEME,
         state_width: Optional[int] = None,
         solver_limits: Optional[dict] = None,
         tolerance: Optional[float] = None,

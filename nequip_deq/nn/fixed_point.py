@@ -45,6 +45,7 @@ from .._compile_targets import (
     announce_to_compile_targets,
 )
 from .block import EquiformerBlock
+from .extrapolation import DEFAULT_SCHEME
 from .injection import Injection
 from .solvers import FixedPointError, FixedPointSolvers, check_solution, tolerance_floor
 from .state_cache import (
@@ -318,8 +319,8 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         callers that pass no state, such as LAMMPS ``pair_style nequip``. ``capacity`` (atoms;
         default: environment variable ``NEQUIP_DEQ_STATE_CACHE_ATOMS`` or 10000) bounds the
         systems that profit; larger ones run cold. ``extrapolation`` (default: environment
-        variable ``NEQUIP_DEQ_EXTRAPOLATION`` or ``quadratic``): the starting point,
-        ``quadratic`` or ``xlbomd`` (:mod:`~nequip_deq.nn.extrapolation`)."""
+        variable ``NEQUIP_DEQ_EXTRAPOLATION`` or ``xlbomd``): the starting point,
+        ``xlbomd`` or ``quadratic`` (:mod:`~nequip_deq.nn.extrapolation`)."""
         if capacity is None:
             capacity = int(os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
         if capacity < 1:
@@ -328,7 +329,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
                 f"(set {CAPACITY_ENV} or pass `capacity`)."
             )
         if extrapolation is None:
-            extrapolation = os.environ.get(EXTRAPOLATION_ENV) or "quadratic"
+            extrapolation = os.environ.get(EXTRAPOLATION_ENV) or DEFAULT_SCHEME
         if extrapolation not in CACHE_SCHEMES:
             raise ValueError(
                 f"enable_DEQStateCache: extrapolation {extrapolation!r} (from `extrapolation` or "

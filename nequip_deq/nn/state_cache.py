@@ -28,7 +28,7 @@ import torch
 
 from nequip.data import AtomicDataDict
 
-from .extrapolation import XLBOMD, XLBOMD_ORDER
+from .extrapolation import DEFAULT_SCHEME, XLBOMD, XLBOMD_ORDER
 
 DEFAULT_CAPACITY = 10000
 CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"  # overrides DEFAULT_CAPACITY for nequip-compile
@@ -59,7 +59,7 @@ class DEQStateCache(torch.nn.Module):
         width: state width ``X`` (the dimension of the node-feature irreps)
         dtype: dtype of the states (the model dtype)
         max_displacement: largest per-atom move (Å) for which a call counts as the same system
-        extrapolation: ``quadratic`` or ``xlbomd`` (keeps ``K + 1`` more states per atom)
+        extrapolation: ``xlbomd`` (default; keeps ``K + 1`` more states per atom) or ``quadratic``
     """
 
     def __init__(
@@ -68,7 +68,7 @@ class DEQStateCache(torch.nn.Module):
         width: int,
         dtype: torch.dtype = torch.float32,
         max_displacement: float = DEFAULT_MAX_DISPLACEMENT,
-        extrapolation: str = "quadratic",
+        extrapolation: str = DEFAULT_SCHEME,
     ):
         super().__init__()
         if extrapolation not in CACHE_SCHEMES:

@@ -29,7 +29,7 @@ from ase.md.verlet import VelocityVerlet
 
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
-from nequip_deq.nn.extrapolation import SCHEMES
+from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, SCHEMES
 
 DEFAULT_STRUCTURE = "rmd17_aspirin_test_01_first200.npz"
 
@@ -71,7 +71,7 @@ def check_elements(atoms: Atoms, calculator) -> None:
                 )
 
 
-def load_calculator(model: str, device: str, extrapolation: str = "quadratic", tolerance=None):
+def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME, tolerance=None):
     """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
     (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
     models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
@@ -238,7 +238,7 @@ def main(argv=None):
     parser.add_argument("--print-every", type=int, default=50, help="progress line interval (steps; 0: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--extrapolation", default="quadratic", choices=SCHEMES,
+    parser.add_argument("--extrapolation", default=DEFAULT_SCHEME, choices=SCHEMES,
                         help="DEQ models: starting point of each step's solves from the previous ones")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="DEQ models: solver tolerance of every step (default: the model's; "
