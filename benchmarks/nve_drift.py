@@ -12,7 +12,9 @@ same file as ``md_speed.py``'s; the explicit model compiled with ``--target ase`
 compiled DEQ serves every tolerance: ``DEQCalculator(tolerance=...)`` passes it with each
 call (forward and adjoint alike). The phantom-gradient DEQ (same weights, forces not −dE/dx)
 runs eager for ``--phantom-steps``. Drift: slope of a straight-line fit of the total energy
-against time, in meV/atom/ps; also the RMS fluctuation about that line.
+against time, in meV/atom/ps; also the RMS fluctuation about that line. Each run's energies
+are kept in ``--work``/nve_drift and reused when the script runs again (to add a tolerance or
+redraw the plot); delete that directory to measure anew.
 """
 
 import argparse
@@ -98,17 +100,34 @@ def main():
     warnings.simplefilter("ignore")
     options = dict(device="cpu", chemical_species_to_atom_type_map=True)
 
+    def kept(label, make_calc, steps):
+        """``run`` once: its energies are saved in ``--work``/nve_drift and reused by later
+        invocations (delete the directory to measure again)."""
+        slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
+        path = args.work / "nve_drift" / f"{slug}_{steps}x{args.timestep:g}fs.npz"
+        if path.exists():
+            print(f"   {label}: reusing {path}", flush=True)
+            saved = np.load(path)
+            return saved["t"], saved["total"], saved["iterations"], float(saved["ms"])
+        t, total, its, ms = run(make_calc(), steps, args.timestep, label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, t=t, total=total, iterations=its, ms=ms)
+        return t, total, its, ms
+
     runs = {}
     deq = comparison_models.compiled(args.deq_checkpoint, args.work / "deq_ase.nequip.pt2", "ase_deq")
     for tol in args.tolerances:
         for scheme in args.schemes + (args.extra_schemes if tol == args.tolerances[0] else []):
             label = f"DEQ, tol {tol:g}, {scheme} start"
-            calc = DEQCalculator.from_compiled_model(deq, extrapolation=scheme, tolerance=tol, **options)
-            runs[label] = run(calc, args.steps, args.timestep, label)
-    runs["explicit Equiformer"] = run(NequIPCalculator.from_compiled_model(args.explicit_compiled, **options),
-                                      args.steps, args.timestep, "explicit")
-    phantom = load_calculator(str(phantom_checkpoint(args.deq_checkpoint, args.work / "phantom.ckpt")), "cpu")
-    runs["DEQ, phantom gradient (eager)"] = run(phantom, args.phantom_steps, args.timestep, "phantom")
+            runs[label] = kept(label, lambda: DEQCalculator.from_compiled_model(
+                deq, extrapolation=scheme, tolerance=tol, **options), args.steps)
+    runs["explicit Equiformer"] = kept(
+        "explicit Equiformer", lambda: NequIPCalculator.from_compiled_model(args.explicit_compiled, **options), args.steps
+    )
+    phantom = phantom_checkpoint(args.deq_checkpoint, args.work / "phantom.ckpt")
+    runs["DEQ, phantom gradient (eager)"] = kept(
+        "DEQ, phantom gradient (eager)", lambda: load_calculator(str(phantom), "cpu"), args.phantom_steps
+    )
 
     base = drift(*runs["explicit Equiformer"][:2])[0]
     print(f"\naspirin, NVE {args.steps} x {args.timestep} fs from 300 K, compiled models, "

@@ -180,7 +180,7 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
     # the compiled solve stops at the tolerance, so a warm start saves iterations
     assert np.mean(warm_iters) < 0.6 * cold_iters[0], (cold_iters, warm_iters)
     # one compiled model, any tolerance, passed with each call; warm steps at a loose tolerance
-    # finish the adjoint within the products on the shared recording of f (no loop trip)
+    # finish the adjoint in a few iterations (where an earlier compiled adjoint went wrong)
     loose = DEQCalculator.from_compiled_model(str(compiled), tolerance=1e-2, chemical_species_to_atom_type_map=True)
     loose_eager = load_calculator(str(trained / "best.ckpt"), "cpu")
     loose_eager.tolerances = (1e-2, 1e-2)

@@ -29,8 +29,8 @@ class DEQCalculator(NequIPCalculator):
 
     The start comes from the previous solves of the same atoms (``extrapolation``, one of
     :data:`~nequip_deq.nn.extrapolation.SCHEMES`; see that module): ``xlbomd`` (default, the
-    extended Lagrangian) follows them with a time-reversible auxiliary state and conserves
-    energy as well as an explicit model down to tolerance 1e-3; ``quadratic`` extrapolates
+    extended Lagrangian) follows them with a time-reversible auxiliary state, which keeps the
+    NVE total energy within an explicit model's fluctuation at tolerance 1e-3; ``quadratic`` extrapolates
     the last three solutions and needs about half the iterations, but its solve error acts as
     a friction in NVE (docs/deq.md tabulates both).
 
