@@ -33,6 +33,7 @@ from nequip_deq.integrations.lammps import (
     pair_nequip_inputs,
 )
 from nequip_deq.model import DEQEquiformerModel, EquiformerModel
+from nequip_deq.nn.fixed_point import DEQEquiformerLayer
 from nequip_deq.scripts.md import check_elements
 from small_models import SMALL
 
@@ -131,7 +132,9 @@ def mliap_wrapper(model):
 def test_mliap_model_path_matches_ase(name):
     """LAMMPS ML-IAP on one rank with periodic images: nequip's ML-IAP wrapper (ghost-exchange
     modifier, energy model, forces from edge-vector gradients) gives the ASE energy and
-    forces: every block exchanges ghost features, ghost energies are not counted."""
+    forces: every block exchanges ghost features, ghost energies are not counted. The DEQ's
+    solves run to their caps there, whatever their residuals, so that all ranks iterate (and
+    exchange ghosts) equally often."""
     pytest.importorskip("lammps.mliap.mliap_unified_abc")
     model = build_model(name)
     ref_model = build_model(name)
@@ -139,7 +142,14 @@ def test_mliap_model_path_matches_ase(name):
     lmp = SingleRankMLIAPData(atoms, R_MAX, TYPES)
     assert lmp.ntotal > 3 * lmp.nlocal  # ghost atoms matter here
     wrapper = mliap_wrapper(model)
+    counts = []  # DEQ: iterations of each solve
+    for layer in model.modules():
+        if isinstance(layer, DEQEquiformerLayer):
+            layer.register_forward_hook(lambda m, i, out: counts.append(
+                (int(out["deq_iterations"][0]), int(out["deq_adjoint_iterations"][0]), m.f_max_iter, m.b_max_iter)))
     wrapper.compute_forces(lmp)
+    if name == "deq":  # every rank runs the same count (each iteration exchanges ghosts): the caps
+        assert counts and all(f == f_cap and b == b_cap for f, b, f_cap, b_cap in counts), counts
     ref = atoms.copy()
     transforms = [
         ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES, chemical_species_to_atom_type_map={t: t for t in TYPES}),

@@ -465,17 +465,24 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             pos, types, cell = cache_inputs(data)
             z0, v0, cache_hit = self.state_cache.lookup(pos, types, cell, z0)
 
+        # the tolerances the solves stop at. Under LAMMPS ML-IAP every iteration exchanges
+        # ghost features with the other MPI ranks, so all ranks must iterate equally often: no
+        # solve stops early there, each runs to its cap (residuals are still checked)
+        f_stop, b_stop = f_tol, b_tol
+        if AtomicDataDict.NUM_LOCAL_GHOST_NODES_KEY in data:
+            f_stop, b_stop = -1.0, -1.0
+
         # forward fixed point z* (no gradient)
         if mode == "traced":
             z_star, f_it, f_res = self._iterate_traced(
-                data, x_hat, weights, z0, batch, num_frames, f_tol
+                data, x_hat, weights, z0, batch, num_frames, f_stop
             )
         elif eager and self.training and self.solver != "fixed_point_iter":
             z_star, f_it, f_res = self._solve_torchdeq(
-                data, x_hat, weights, z0, batch, num_frames, f_tol
+                data, x_hat, weights, z0, batch, num_frames, f_stop
             )
         else:
-            z_star, f_it, f_res = self._iterate(data, x_hat, weights, z0, batch, num_frames, f_tol)
+            z_star, f_it, f_res = self._iterate(data, x_hat, weights, z0, batch, num_frames, f_stop)
         if eager:
             check_solution("forward solve", z_star, f_it, f_res, f_tol)
 
@@ -486,16 +493,17 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             # adjoint v* = dR/dz + (df/dz)^T v* at z*, and the recorded f(z*) it used
             if mode == "traced":
                 v_star, b_it, b_res = self._adjoint_traced(
-                    data, x_hat, weights, z_star, v0, batch, num_frames, b_tol
+                    data, x_hat, weights, z_star, v0, batch, num_frames, b_stop
                 )
                 fz = self.f(z_star.detach(), data, x_hat, weights)
             elif eager:
                 v_star, b_it, b_res, fz = self._adjoint_eager(
-                    data, x_hat, weights, z_star, v0, batch, num_frames, b_tol
+                    data, x_hat, weights, z_star, v0, batch, num_frames, b_stop
                 )
+                check_solution("adjoint solve", v_star, b_it, b_res, b_tol)
             else:
                 v_star, b_it, b_res, fz = self._adjoint(
-                    data, x_hat, weights, z_star, v0, batch, num_frames, b_tol
+                    data, x_hat, weights, z_star, v0, batch, num_frames, b_stop
                 )
             z, v = z_star.detach(), v_star.detach()
             if eager and self.training:
