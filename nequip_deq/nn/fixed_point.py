@@ -142,7 +142,8 @@ def _stop_unless_solved(
             raise RuntimeError(not_finite)
         if not bool(converged):
             raise RuntimeError(not_converged)
-    else:  # data-dependent checks that AOTInductor keeps
+    else:  # data-dependent checks that AOTInductor keeps (it may evaluate them in either
+        # order: a non-finite solve can also be reported as unconverged)
         torch._assert_async(finite, not_finite)
         torch._assert_async(converged, not_converged)
 
