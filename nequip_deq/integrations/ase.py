@@ -16,7 +16,7 @@ from .._compile_targets import (
     solver_limits,
 )
 from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY, SOLVER_STATISTICS
-from ..nn.extrapolation import DEFAULT_SCHEME, SCHEMES, StartingPoints
+from ..nn.extrapolation import DEFAULT_SCHEME, StartingPoints
 from ..nn.solvers import TF32_TOLERANCE_FLOOR, FixedPointError, tolerance_floor
 
 
@@ -75,8 +75,6 @@ class DEQCalculator(NequIPCalculator):
     ):
         if tolerance is not None and not tolerance > 0:
             raise ValueError(f"tolerance {tolerance} must be > 0 (a relative residual, e.g. 1e-4).")
-        if extrapolation not in SCHEMES:
-            raise ValueError(f"extrapolation {extrapolation!r}: choose one of {list(SCHEMES)}.")
         super().__init__(*args, **kwargs)
         self.warm_start = warm_start
         self.extrapolation = extrapolation

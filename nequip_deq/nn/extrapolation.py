@@ -54,8 +54,35 @@ DEFAULT_SCHEME = "xlbomd"
 State = Tuple[torch.Tensor, torch.Tensor]  # (z, v), each (N, X)
 
 
-def _combine(coefficients, states: List[State]) -> State:
-    return tuple(sum(c * s[i] for c, s in zip(coefficients, states)) for i in range(2))
+def xlbomd_coefficients(order: int = XLBOMD_ORDER) -> Tuple[float, List[float]]:
+    """:math:`\\kappa` and the damping weights :math:`\\alpha c_0, \\dots, \\alpha c_K`."""
+    kappa, alpha, c = XLBOMD[order]
+    return float(kappa), [float(alpha * ck) for ck in c]
+
+
+def polynomial_start(history: torch.Tensor, coefficients: List[float]) -> torch.Tensor:
+    """:math:`\\sum_j a_j h_j` for ``history`` ``(H, N, X)``, newest first, ``H >= len(a)``
+    (TorchScript-able: the LAMMPS state cache uses it too)."""
+    start = coefficients[0] * history[0]
+    for j in range(1, len(coefficients)):
+        start = start + coefficients[j] * history[j]
+    return start
+
+
+def xlbomd_start(
+    auxiliary: torch.Tensor, solution: torch.Tensor, kappa: float, damping: List[float]
+) -> torch.Tensor:
+    """:math:`p_{n+1}` of the recurrence in the module docstring from ``auxiliary``
+    :math:`p_n, \\dots, p_{n-K}` ``(K + 1, N, X)`` and the solution :math:`z^*_n` ``(N, X)``
+    (``kappa``, ``damping`` from :func:`xlbomd_coefficients`; TorchScript-able)."""
+    start = (2.0 - kappa) * auxiliary[0] - auxiliary[1] + kappa * solution
+    for k, c in enumerate(damping):
+        start = start + c * auxiliary[k]
+    return start
+
+
+def _stacked(states: List[State]) -> State:
+    return torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states])
 
 
 def extrapolate(history: List[State], scheme: str) -> State:
@@ -65,7 +92,7 @@ def extrapolate(history: List[State], scheme: str) -> State:
     coefficients = EXTRAPOLATIONS[scheme]
     if len(history) < len(coefficients):
         coefficients = EXTRAPOLATIONS[("previous", "linear")[len(history) - 1]]
-    return _combine(coefficients, history)
+    return tuple(polynomial_start(h, list(coefficients)) for h in _stacked(history))
 
 
 class StartingPoints:
@@ -105,10 +132,8 @@ class StartingPoints:
         if len(self.auxiliary) <= XLBOMD_ORDER:
             self._next, self._next_is_xl = extrapolate(self.solutions, "quadratic"), False
             return
-        kappa, alpha, c = XLBOMD[XLBOMD_ORDER]
-        p = self.auxiliary
-        verlet = _combine((2.0 - kappa, -1.0), p[:2])
-        pull = _combine((kappa,), [solution])
-        damping = _combine([alpha * ck for ck in c], p)
-        self._next = tuple(a + b + d for a, b, d in zip(verlet, pull, damping))
+        kappa, damping = xlbomd_coefficients()
+        self._next = tuple(
+            xlbomd_start(p, z, kappa, damping) for p, z in zip(_stacked(self.auxiliary), solution)
+        )
         self._next_is_xl = True

@@ -119,7 +119,7 @@ def _stop_messages() -> Tuple[str, str]:
     return not_finite, not_converged
 
 
-def _stop_unless_solved(
+def _solved(
     z: torch.Tensor,
     v: torch.Tensor,
     per_atom: torch.Tensor,
@@ -127,15 +127,21 @@ def _stop_unless_solved(
     b_res: torch.Tensor,
     f_tol: float,
     b_tol: float,
-) -> None:
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """0-dim bools: are the states and energies finite, and did both solves end within
+    tolerance? (Tolerances may be per-frame tensors, annotated as floats for TorchScript.)"""
+    finite = torch.isfinite(z).all() & torch.isfinite(v).all() & torch.isfinite(per_atom).all()
+    converged = (f_res <= f_tol).all() & (b_res <= b_tol).all()
+    return finite, converged
+
+
+def _stop_unless_solved(finite: torch.Tensor, converged: torch.Tensor) -> None:
     """For compiled and scripted models called without a state (LAMMPS ``pair_style nequip``,
     nequip's plain ``ase`` target), whose callers check nothing: raise instead of returning
     non-finite values or the forces of a solve that ended above its tolerance at the
     iteration cap (60 by default, several times what a solve needs: hitting it means
-    something is wrong). LAMMPS stops with the message. (Tolerances may be per-frame tensors,
-    annotated as floats for TorchScript.)"""
-    finite = torch.isfinite(z).all() & torch.isfinite(v).all() & torch.isfinite(per_atom).all()
-    converged = (f_res <= f_tol).all() & (b_res <= b_tol).all()
+    something is wrong). LAMMPS stops with the message. ``finite``, ``converged``: from
+    :func:`_solved`."""
     not_finite, not_converged = _stop_messages()
     if torch.jit.is_scripting():  # TorchScript's interpreter ignores _assert_async
         if not bool(finite):
@@ -525,17 +531,16 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
 
         if eager and self.training and self.jacobian_penalty:
             self._store_jacobian_penalty(data, x_hat, weights, z_star)
-        if use_cache:
-            pos, types, cell = cache_inputs(data)
-            good = (
-                (f_res <= f_tol).all()
-                & (b_res <= b_tol).all()
-                & torch.isfinite(z_star).all()
-                & torch.isfinite(v_star).all()
-            )
-            self.state_cache.store(pos, types, (z0, v0), (z_star, v_star), cache_hit, good)
-        if not eager and _keys.DEQ_STATE_KEY not in data:
-            _stop_unless_solved(z_star, v_star, per_atom, f_res, b_res, f_tol, b_tol)
+        unchecked = not eager and _keys.DEQ_STATE_KEY not in data  # no caller checks the solves
+        if use_cache or unchecked:
+            finite, converged = _solved(z_star, v_star, per_atom, f_res, b_res, f_tol, b_tol)
+            if use_cache:
+                pos, types, cell = cache_inputs(data)
+                self.state_cache.store(
+                    pos, types, (z0, v0), (z_star, v_star), cache_hit, finite & converged
+                )
+            if unchecked:
+                _stop_unless_solved(finite, converged)
         data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
         data[_keys.DEQ_STATE_KEY] = z_star.detach()
         data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()

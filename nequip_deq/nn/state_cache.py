@@ -28,7 +28,14 @@ import torch
 
 from nequip.data import AtomicDataDict
 
-from .extrapolation import DEFAULT_SCHEME, XLBOMD, XLBOMD_ORDER
+from .extrapolation import (
+    DEFAULT_SCHEME,
+    EXTRAPOLATIONS,
+    XLBOMD_ORDER,
+    polynomial_start,
+    xlbomd_coefficients,
+    xlbomd_start,
+)
 
 DEFAULT_CAPACITY = 10000
 CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"  # overrides DEFAULT_CAPACITY for nequip-compile
@@ -80,9 +87,11 @@ class DEQStateCache(torch.nn.Module):
         self.max_displacement = float(max_displacement)
         self.extrapolation = extrapolation
         self.xlbomd = extrapolation == "xlbomd"
-        kappa, alpha, c = XLBOMD[XLBOMD_ORDER]
-        self.xl_kappa = float(kappa)
-        self.xl_damping: List[float] = [float(alpha * ck) for ck in c]
+        # the polynomial starts after 0, 1 and 2 older calls of the same system
+        self.polynomials: List[List[float]] = [
+            list(EXTRAPOLATIONS[name]) for name in ("previous", "linear", "quadratic")
+        ]
+        self.xl_kappa, self.xl_damping = xlbomd_coefficients()
         # consecutive calls of one system after which the start has its full order
         self.full_depth = XLBOMD_ORDER if self.xlbomd else 2
         kept = XLBOMD_ORDER + 1 if self.xlbomd else 0
@@ -139,14 +148,12 @@ class DEQStateCache(torch.nn.Module):
         n = zero.shape[0]
         s = self._stored(solutions, n, 0.0, dim=1).to(zero.dtype)
         depth = self._depth(n)
-        start = torch.where(
-            depth >= 2, 3.0 * s[0] - 3.0 * s[1] + s[2], torch.where(depth == 1, 2.0 * s[0] - s[1], s[0])
-        )
+        start = s[0]
+        for older in range(1, len(self.polynomials)):
+            start = torch.where(depth >= older, polynomial_start(s, self.polynomials[older]), start)
         if self.xlbomd:
             p = self._stored(auxiliary, n, 0.0, dim=1).to(zero.dtype)
-            xl = (2.0 - self.xl_kappa) * p[0] - p[1] + self.xl_kappa * s[0]
-            for k, c in enumerate(self.xl_damping):
-                xl = xl + c * p[k]
+            xl = xlbomd_start(p, s[0], self.xl_kappa, self.xl_damping)
             start = torch.where(depth >= self.full_depth, xl, start)
         return torch.where(hit, start, zero)
 
