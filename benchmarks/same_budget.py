@@ -15,7 +15,10 @@ Models (``--models``, in this order by default):
 - ``deq_tight``: the DEQ with ``train_tol: null`` (training solves at the model's own
   tolerances instead of the shipped 1e-3);
 - ``deq_penalty4`` / ``deq_no_penalty``: the DEQ with the Jacobian penalty on every fourth
-  training step (``jacobian_penalty_every: 4``) / without it (weight 0).
+  training step (``jacobian_penalty_every: 4``) / without it (weight 0);
+- ``equiformer_v2`` / ``deq_v2``: the quickstart models with EquiformerV2 blocks
+  (:data:`V2_BLOCKS`: 16 channels of every degree up to l_max 3, m_max 2, separable layer norm;
+  docs/equiformer_v2.md).
 
 Every run prints a line per epoch; at the end the script prints a table of test energy and
 force MAE, epochs and seconds per epoch, and writes validation force MAE against training time
@@ -40,6 +43,11 @@ DEQ_VARIANTS = {
     "deq_unroll1": {"train_gradient": "unroll", "train_unroll_steps": 1},
     "deq_unroll3": {"train_gradient": "unroll", "train_unroll_steps": 3},
 }
+# the quickstart models' blocks as EquiformerV2 blocks (DEQuify's shape at CPU width)
+V2_BLOCKS = {
+    "block_type": "v2", "l_max": 3, "m_max": 2, "irreps_node_features": "16x0e+16x1o+16x2e+16x3o",
+    "separable_layer_norm": True,
+}
 LABELS = {
     "equiformer": "EquiformerModel, configs/quickstart.yaml",
     "deq": "DEQEquiformerModel, configs/deq_quickstart.yaml",
@@ -51,13 +59,15 @@ LABELS = {
     "deq_tight": "DEQ, train_tol null (model tolerances)",
     "deq_penalty4": "DEQ, Jacobian penalty every 4th step",
     "deq_no_penalty": "DEQ, no Jacobian penalty",
+    "equiformer_v2": "EquiformerModel, EquiformerV2 blocks (l_max 3)",
+    "deq_v2": "DEQ, one EquiformerV2 block (l_max 3)",
 }
 
 
 def config(name: str, args) -> dict:
     """The shipped config of ``name`` with the data switched to the rMD17 protocol and the
     wall-clock budget set."""
-    base = "quickstart" if name in ("equiformer", "nequip_s") else "deq_quickstart"
+    base = "quickstart" if name in ("equiformer", "nequip_s", "equiformer_v2") else "deq_quickstart"
     cfg = yaml.safe_load(open(REPO / "configs" / f"{base}.yaml"))
     data_dir = Path(args.data_dir).resolve()
     cfg["data"].update(
@@ -76,6 +86,8 @@ def config(name: str, args) -> dict:
         model.update({"_target_": "nequip.model.PresetNequIPGNNModel", "preset": "S"})
     elif name in DEQ_VARIANTS:
         model.update(DEQ_VARIANTS[name])
+    elif name in ("equiformer_v2", "deq_v2"):
+        model.update(V2_BLOCKS)
     elif name == "deq_cold":
         cfg["training_module"]["warm_start_training"] = False
     elif name == "deq_tight":

@@ -15,3 +15,13 @@ SMALL = {
     "num_output_features": 16,
     "avg_num_neighbors": 5.0,
 }
+
+
+def small_v2(l_max: int, parity: bool = True, **overrides) -> dict:
+    """SMALL with EquiformerV2 blocks: 4 channels for every degree up to ``l_max``."""
+    p = "eo" if parity else "ee"
+    irreps = "+".join(f"4x{l}{p[l % 2]}" for l in range(l_max + 1))
+    return {
+        **SMALL, "block_type": "v2", "l_max": l_max, "parity": parity,
+        "irreps_node_features": irreps, "m_max": min(2, l_max), **overrides,
+    }

@@ -72,3 +72,19 @@ def test_rmd17_config_requires_data_dir():
     cfg = load("rmd17")
     with pytest.raises(Exception, match="data_dir"):
         OmegaConf.to_container(cfg.data, resolve=True)
+
+
+@pytest.mark.parametrize("name,target", [("rmd17_v2", "EquiformerModel"), ("deq_rmd17_v2", "DEQEquiformerModel")])
+def test_rmd17_v2_configs(tmp_path, name, target):
+    """The EquiformerV2 configs compose over their v1 counterparts and build models of
+    EquiformerV2 blocks at DEQuify's MD17 shape (64 channels, l_max 3, m_max 2, 4 heads)."""
+    from nequip_deq.nn.so2_attention import SO2GraphAttention
+
+    for kind, bundled in [("train", "rmd17_aspirin_train_01_first250.npz"), ("test", "rmd17_aspirin_test_01_first200.npz")]:
+        shutil.copy(bundled_data_path(bundled), tmp_path / f"rmd17_aspirin_{kind}_01.npz")
+    cfg = load(name, [f"data_dir={tmp_path}", "data.train=200", "data.val=50"])
+    assert cfg.training_module.model._target_ == f"nequip_deq.model.{target}"
+    assert (cfg.training_module.model.block_type, cfg.training_module.model.l_max, cfg.cutoff_radius) == ("v2", 3, 5.0)
+    model = build_model(cfg)
+    attention = [m for m in model.modules() if isinstance(m, SO2GraphAttention)]
+    assert attention and all(a.channels == 64 and a.num_heads == 4 for a in attention)

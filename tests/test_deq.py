@@ -646,15 +646,20 @@ def test_unconverged_backward_solve_warns():
         out[AtomicDataDict.FORCE_KEY].square().sum().backward()
 
 
-def test_torchscript_matches_eager():
+V2_BLOCKS = dict(block_type="v2", l_max=3, irreps_node_features="4x0e+4x1o+4x2e+4x3o", m_max=2)
+
+
+@pytest.mark.parametrize("blocks", [{}, V2_BLOCKS], ids=["v1", "v2"])
+def test_torchscript_matches_eager(blocks):
     """Scripted (nequip's TorchScript build, the deployment path on torch < 2.10), the model
-    runs its own solver loops and gives the eager numbers and iteration counts."""
+    runs its own solver loops and gives the eager numbers and iteration counts, with
+    Equiformer (v1) and EquiformerV2 (v2) blocks; the state cache starts the next call warm."""
     from e3nn.util.jit import script
     from nequip.utils.compile import conditional_torchscript_mode
 
     set_global_state()
     with conditional_torchscript_mode(True):
-        model = build("float64")
+        model = build("float64", **blocks)
     data = graph(rattled("CH3CHO", 0))
     ref = model(dict(data))
     scripted = script(model)
@@ -665,7 +670,7 @@ def test_torchscript_matches_eager():
     assert torch.equal(out["deq_adjoint_iterations"], ref["deq_adjoint_iterations"])
     # the in-model state cache scripts too: the second call of the same frame starts warm
     with conditional_torchscript_mode(True):
-        cached = script(with_state_cache(build("float64")))
+        cached = script(with_state_cache(build("float64", **blocks)))
     first, second = cached(single_frame(rattled("CH3CHO", 0))), cached(single_frame(rattled("CH3CHO", 0)))
     assert int(second["deq_iterations"][0]) < int(first["deq_iterations"][0])
     torch.testing.assert_close(second["forces"], first["forces"], atol=1e-8, rtol=0)

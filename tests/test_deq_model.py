@@ -9,15 +9,10 @@ tolerance. The partial-force tests are skipped: one adjoint solve per frame give
 gradient of the total energy only, and the model refuses per-atom energy gradients
 (tests/test_deq.py checks the refusal)."""
 
-import pathlib
-
 import pytest
 
-from nequip.utils.unittests.model_tests import BaseEnergyModelTests
-
-from small_models import SMALL
-
-TRAIN_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "minimal_aspirin_deq.yaml")
+from harness import CONFIGS, EquiformerHarness
+from small_models import SMALL, small_v2
 
 SMALL_DEQ = {
     **{k: v for k, v in SMALL.items() if k != "num_layers"},
@@ -36,18 +31,12 @@ PARTIAL = (
 )
 
 
-class TestDEQEquiformer(BaseEnergyModelTests):
+class TestDEQEquiformer(EquiformerHarness):
+    train_config = str(CONFIGS / "minimal_aspirin_deq.yaml")
+
     @pytest.fixture(scope="class")
     def config(self):
         return dict(SMALL_DEQ)
-
-    @pytest.fixture
-    def strict_locality(self):
-        return False
-
-    @pytest.fixture(scope="class", params=[TRAIN_CONFIG])
-    def conffile(self, request):
-        return request.param
 
     @pytest.fixture(scope="class")
     def ase_compiled_model(self):
@@ -75,3 +64,13 @@ class TestDEQEquiformer(BaseEnergyModelTests):
     )
     def test_embedding_cutoff(self):
         pass
+
+
+class TestDEQEquiformerV2(TestDEQEquiformer):
+    """The same with one EquiformerV2 block inside the fixed point (l_max 3, m_max 2, the
+    published DEQ's block shape at test width)."""
+
+    @pytest.fixture(scope="class")
+    def config(self):
+        v2 = {k: v for k, v in small_v2(3).items() if k not in ("_target_", "num_layers")}
+        return {**SMALL_DEQ, **v2}

@@ -20,6 +20,7 @@ from nequip.nn.embedding import (
 
 from nequip_deq.nn import (
     ATTENTION_TYPES,
+    BLOCK_TYPES,
     EdgeDegreeEmbedding,
     EquiformerBlock,
     ExpNormalEdgeLengthEncoding,
@@ -45,11 +46,25 @@ ARCHITECTURE_ARGS = """
         irreps_node_features (str): node feature irreps, e.g. ``128x0e+64x1o+32x2e``
             (default: that, or ``...1e...`` with ``parity=False``)
         num_heads (int): attention heads; must divide every multiplicity (default 4)
-        attention_type (str): ``mlp`` (the paper's default) or ``dot_product``
-        nonlinear_messages (bool): gate + second depth-wise tensor product on the values
+        block_type (str): ``v1``: Equiformer's attention with depth-wise tensor products
+            (default); ``v2``: EquiformerV2's, SO(2) convolutions in each edge's frame (cost
+            O(l_max^3) instead of O(l_max^6)); v2 needs the same multiplicity for every degree
+            0..l_max, e.g. ``64x0e+64x1o+64x2e+64x3o``
+        attention_type (str): v1: ``mlp`` (the paper's default) or ``dot_product``
+        nonlinear_messages (bool): v1: gate + second depth-wise tensor product on the values
             (about 2x the cost of linear messages; default ``True``)
         alpha_channels (int): MLP-attention logit channels per head (default ``0``: the
             number of ``0e`` channels per head)
+        m_max (int): v2: largest order kept in the edge frames, 1..l_max (default 2)
+        attention_renorm (bool): v2: layer norm on the attention logits (default ``True``)
+        hidden_channels (int): v2: channels between the two SO(2) convolutions (default ``0``:
+            the multiplicity)
+        separable_layer_norm (bool): one variance for all degrees l > 0 (EquiformerV2's
+            layer norm) instead of one per degree (default ``False``)
+        s2_activation (bool): v2: EquiformerV2's separable S2 activation (SiLU on a grid on
+            the sphere) in the feed-forward networks instead of a gate; equivariant only up to
+            the grid's aliasing error (rotated forces of small test models differ by 1e-6 eV/Å
+            at l_max 2, 1e-4 at l_max 4), hence off by default (the published model's is on)
         ffn_multiplier (int): feed-forward hidden width as a multiple of the feature
             multiplicities (default 3)
         num_output_features (int): scalar features of the output block (default 512)
@@ -107,9 +122,15 @@ class EquiformerArchitecture:
         parity: bool = True,
         irreps_node_features: Optional[str] = None,
         num_heads: int = 4,
+        block_type: str = "v1",
         attention_type: str = "mlp",
         nonlinear_messages: bool = True,
         alpha_channels: int = 0,
+        m_max: int = 2,
+        attention_renorm: bool = True,
+        hidden_channels: int = 0,
+        separable_layer_norm: bool = False,
+        s2_activation: bool = False,
         ffn_multiplier: int = 3,
         num_output_features: int = 512,
         radial_basis: str = "gaussian",
@@ -127,6 +148,8 @@ class EquiformerArchitecture:
         do_derivatives: bool = True,
     ):
         default = f"128x0e+64x1{'o' if parity else 'e'}+32x2e"  # the paper's MD17 width
+        if block_type == "v2":  # DEQuify's MD17 width: 64 channels for every degree
+            default = "+".join(f"64x{l}{'eo'[l % 2] if parity else 'e'}" for l in range(l_max + 1))
         self.irreps = parse_irreps(
             "irreps_node_features",
             irreps_node_features if irreps_node_features is not None else default,
@@ -136,9 +159,15 @@ class EquiformerArchitecture:
         self.l_max = l_max
         self.parity = parity
         self.num_heads = num_heads
+        self.block_type = block_type
         self.attention_type = attention_type
         self.nonlinear_messages = nonlinear_messages
         self.alpha_channels = alpha_channels
+        self.m_max = m_max
+        self.attention_renorm = attention_renorm
+        self.hidden_channels = hidden_channels
+        self.separable_layer_norm = separable_layer_norm
+        self.s2_activation = s2_activation
         self.ffn_multiplier = ffn_multiplier
         self.num_output_features = num_output_features
         self.radial_basis = radial_basis
@@ -180,6 +209,17 @@ class EquiformerArchitecture:
                 f"`l_max={self.l_max}`: attention needs directional edge features, use "
                 "l_max >= 1 (2 is the paper's choice)."
             )
+        if self.block_type not in BLOCK_TYPES:
+            raise InvalidModelConfig(
+                f"`block_type={self.block_type!r}` is unknown; use one of {list(BLOCK_TYPES)}."
+            )
+        if self.block_type == "v2":
+            self._check_v2()
+        elif self.s2_activation:
+            raise InvalidModelConfig(
+                "`s2_activation=True` needs `block_type=v2` (the S2 activation acts on features "
+                "with one multiplicity for every degree); drop it or set block_type: v2."
+            )
         if self.attention_type not in ATTENTION_TYPES:
             raise InvalidModelConfig(
                 f"`attention_type={self.attention_type!r}` is unknown; use one of "
@@ -220,6 +260,25 @@ class EquiformerArchitecture:
         if self.num_output_features < 1:
             raise InvalidModelConfig(
                 f"`num_output_features={self.num_output_features}` must be >= 1."
+            )
+
+    def _check_v2(self) -> None:
+        """EquiformerV2 blocks work on sphere arrays: one multiplicity for every degree
+        0..l_max, natural parity (or all even without parity), 1 <= m_max <= l_max."""
+        irreps = self.irreps
+        mul = irreps[0].mul
+        p = -1 if self.parity else 1
+        expected = Irreps([(mul, (l, p**l)) for l in range(self.l_max + 1)])
+        if irreps != expected:
+            raise InvalidModelConfig(
+                f"`block_type=v2` needs the same multiplicity for every degree 0..l_max="
+                f"{self.l_max}, one irrep each, but `irreps_node_features={irreps}`; use e.g. "
+                f"`{expected}`."
+            )
+        if not isinstance(self.m_max, int) or not 1 <= self.m_max <= self.l_max:
+            raise InvalidModelConfig(
+                f"`m_max={self.m_max}` must be an integer in 1..l_max={self.l_max} (2 is the "
+                "paper's choice)."
             )
 
     # ---- parts -----------------------------------------------------------------------
@@ -281,9 +340,15 @@ class EquiformerArchitecture:
         """Arguments of :class:`~nequip_deq.nn.EquiformerBlock` shared by every block."""
         return dict(
             num_heads=self.num_heads,
+            block_type=self.block_type,
             attention_type=self.attention_type,
             nonlinear_messages=self.nonlinear_messages,
             alpha_channels=self.alpha_channels,
+            m_max=self.m_max,
+            attention_renorm=self.attention_renorm,
+            hidden_channels=self.hidden_channels,
+            separable_layer_norm=self.separable_layer_norm,
+            s2_activation=self.s2_activation,
             radial_mlp_depth=self.radial_mlp_depth,
             radial_mlp_width=self.radial_mlp_width,
             ffn_multiplier=self.ffn_multiplier,

@@ -6,7 +6,7 @@ from .tensor_product import DepthwiseTensorProduct, GatedLinear
 from .attention import EquivariantGraphAttention, ATTENTION_TYPES
 from .feed_forward import EquivariantFeedForward
 from .embedding import EdgeDegreeEmbedding
-from .block import EquiformerBlock
+from .block import BLOCK_TYPES, EquiformerBlock
 
 __all__ = [
     "GaussianEdgeLengthEncoding",
@@ -19,4 +19,5 @@ __all__ = [
     "EquivariantFeedForward",
     "EdgeDegreeEmbedding",
     "EquiformerBlock",
+    "BLOCK_TYPES",
 ]

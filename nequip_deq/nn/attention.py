@@ -191,7 +191,7 @@ class EquivariantGraphAttention(torch.nn.Module):
         radial_mlp_depth, radial_mlp_width: hidden layers of the radial MLP :math:`R`
 
     The radial weights :math:`R(\\phi_{ij})` depend on the geometry only: they are computed
-    by :meth:`radial_weights` and passed to :meth:`forward`, so that a caller applying the
+    by :meth:`edge_weights` and passed to :meth:`forward`, so that a caller applying the
     same attention to many features on one geometry (a DEQ solve) computes them once.
 
     Shapes: ``x (N, X)``, ``sh (E, irreps_sh)``, ``radial_weights (E, W)`` (from
@@ -238,9 +238,10 @@ class EquivariantGraphAttention(torch.nn.Module):
         self.register_buffer("head_of_component", _head_layout(X, num_heads)[0])
         self.lin_out = Linear(X, X, biases=True)
 
-    def radial_weights(self, edge_embedding: torch.Tensor) -> torch.Tensor:
+    def edge_weights(self, edge_vectors: torch.Tensor, edge_embedding: torch.Tensor) -> torch.Tensor:
         """:math:`R(\\phi_{ij})`, the per-edge weights of the depth-wise tensor product:
-        ``(E, K) -> (E, W)``."""
+        ``edge_embedding (E, K) -> (E, W)`` (``edge_vectors``: unused, for the interface that
+        :class:`~nequip_deq.nn.so2_attention.SO2GraphAttention` shares)."""
         return self.radial(edge_embedding)
 
     def forward(

@@ -12,8 +12,11 @@ from nequip.nn import GraphModuleMixin
 from nequip.nn._ghost_exchange_base import NoOpGhostExchangeModule
 
 from .attention import EquivariantGraphAttention
-from .feed_forward import EquivariantFeedForward
-from .layer_norm import EquivariantLayerNorm
+from .feed_forward import EquivariantFeedForward, S2FeedForward
+from .layer_norm import EquivariantLayerNorm, SeparableLayerNorm
+from .so2_attention import SO2GraphAttention
+
+BLOCK_TYPES = ("v1", "v2")
 
 
 @compile_mode("script")
@@ -31,15 +34,20 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
 
     :math:`S` is the identity when ``irreps_out == X``; otherwise (the output block, e.g.
     ``512x0e``) an equivariant linear shortcut, followed by a final layer norm when
-    ``output_norm``. Reads ``edge_attrs`` (spherical harmonics), ``edge_embedding`` (enveloped
-    radial basis) and ``edge_cutoff`` (envelope).
+    ``output_norm``. GA is Equiformer's attention with depth-wise tensor products
+    (``block_type="v1"``, :class:`~nequip_deq.nn.attention.EquivariantGraphAttention`) or
+    EquiformerV2's with SO(2) convolutions in edge frames (``"v2"``,
+    :class:`~nequip_deq.nn.so2_attention.SO2GraphAttention`). Reads ``edge_attrs`` (spherical
+    harmonics; v1), ``edge_vectors`` (v2: the edge frames), ``edge_embedding`` (enveloped radial
+    basis) and ``edge_cutoff`` (envelope).
 
     Under LAMMPS ML-IAP the nodes are local + ghost atoms and only local atoms receive
     messages: the block first replaces the ghost rows of its input by their owners' features
     (``ghost_exchange``: a no-op until nequip's ``enable_LAMMPSMLIAPGhostExchange`` modifier
     swaps in LAMMPS' exchange), so that every message a local atom receives is right.
 
-    The attention's radial weights depend on the geometry only (:meth:`edge_weights`);
+    The attention's radial weights (and v2's edge frames) depend on the geometry only
+    (:meth:`edge_weights`);
     :meth:`update` takes them precomputed, so a DEQ applying the block many times on one
     geometry computes them once per call; :meth:`forward` computes them and updates.
 
@@ -52,6 +60,13 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         branch_scale: initial LayerScale of the residual branches (default ``None``: none)
         norm_eps: variance floor :math:`\\epsilon` of the layer norms (their gain is at most
             :math:`1/\\sqrt{\\epsilon}`)
+        block_type: ``"v1"`` or ``"v2"`` (see above)
+        m_max, attention_renorm, hidden_channels: v2 only, see :class:`SO2GraphAttention`
+        separable_layer_norm: :class:`~nequip_deq.nn.layer_norm.SeparableLayerNorm` instead
+            of one variance per degree (EquiformerV2's choice)
+        s2_activation: v2 only: the feed-forward network's activation is the separable S2
+            activation (:class:`~nequip_deq.nn.feed_forward.S2FeedForward`; approximately
+            equivariant) instead of a gate
     """
 
     def __init__(
@@ -67,6 +82,12 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         output_norm: bool = False,
         branch_scale: Optional[float] = None,
         norm_eps: float = 1e-5,
+        block_type: str = "v1",
+        m_max: int = 2,
+        attention_renorm: bool = True,
+        hidden_channels: int = 0,
+        separable_layer_norm: bool = False,
+        s2_activation: bool = False,
         irreps_in=None,
     ):
         super().__init__()
@@ -82,23 +103,41 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
         X = Irreps(self.irreps_in[AtomicDataDict.NODE_FEATURES_KEY])
         out = X if irreps_out is None else Irreps(irreps_out)
         self.irreps_out[AtomicDataDict.NODE_FEATURES_KEY] = out
+        num_basis = self.irreps_in[AtomicDataDict.EDGE_EMBEDDING_KEY].num_irreps
 
-        self.norm_attn = EquivariantLayerNorm(X, eps=norm_eps)
-        self.attn = EquivariantGraphAttention(
-            irreps_node=X,
-            irreps_sh=self.irreps_in[AtomicDataDict.EDGE_ATTRS_KEY],
-            num_basis=self.irreps_in[AtomicDataDict.EDGE_EMBEDDING_KEY].num_irreps,
-            num_heads=num_heads,
-            attention_type=attention_type,
-            nonlinear_messages=nonlinear_messages,
-            alpha_channels=alpha_channels,
-            radial_mlp_depth=radial_mlp_depth,
-            radial_mlp_width=radial_mlp_width,
-        )
-        self.norm_ffn = EquivariantLayerNorm(X, eps=norm_eps)
-        self.ffn = EquivariantFeedForward(X, out, multiplier=ffn_multiplier)
+        norm = SeparableLayerNorm if separable_layer_norm else EquivariantLayerNorm
+        self.norm_attn = norm(X, eps=norm_eps)
+        if block_type == "v2":
+            self.attn = SO2GraphAttention(
+                irreps_node=X,
+                l_max=X.lmax,
+                m_max=m_max,
+                num_basis=num_basis,
+                num_heads=num_heads,
+                alpha_channels=alpha_channels,
+                hidden_channels=hidden_channels,
+                attention_renorm=attention_renorm,
+                mirror_symmetric=any(ir.p == -1 for _, ir in X),
+                radial_mlp_depth=radial_mlp_depth,
+                radial_mlp_width=radial_mlp_width,
+            )
+        else:
+            self.attn = EquivariantGraphAttention(
+                irreps_node=X,
+                irreps_sh=self.irreps_in[AtomicDataDict.EDGE_ATTRS_KEY],
+                num_basis=num_basis,
+                num_heads=num_heads,
+                attention_type=attention_type,
+                nonlinear_messages=nonlinear_messages,
+                alpha_channels=alpha_channels,
+                radial_mlp_depth=radial_mlp_depth,
+                radial_mlp_width=radial_mlp_width,
+            )
+        self.norm_ffn = norm(X, eps=norm_eps)
+        ffn = S2FeedForward if s2_activation and block_type == "v2" else EquivariantFeedForward
+        self.ffn = ffn(X, out, multiplier=ffn_multiplier)
         self.shortcut = None if out == X else Linear(X, out)
-        self.norm_out = EquivariantLayerNorm(out) if output_norm else None
+        self.norm_out = norm(out) if output_norm else None
         self.ghost_exchange = NoOpGhostExchangeModule(
             field=AtomicDataDict.NODE_FEATURES_KEY, irreps_in=self.irreps_in
         )
@@ -108,8 +147,11 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
             self.branch_scales = torch.nn.Parameter(torch.full((2,), float(branch_scale)))
 
     def edge_weights(self, data: AtomicDataDict.Type) -> torch.Tensor:
-        """The attention's radial weights ``(E, W)`` from ``edge_embedding``."""
-        return self.attn.radial_weights(data[AtomicDataDict.EDGE_EMBEDDING_KEY])
+        """The attention's geometry-only weights ``(E, W)`` from ``edge_vectors`` and
+        ``edge_embedding`` (radial weights; v2: and the edge frames)."""
+        return self.attn.edge_weights(
+            data[AtomicDataDict.EDGE_VECTORS_KEY], data[AtomicDataDict.EDGE_EMBEDDING_KEY]
+        )
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         return self.update(data, self.edge_weights(data))
