@@ -23,18 +23,18 @@ from small_models import small_v2
 
 
 class TestEquiformerV2(EquiformerHarness):
-    """l_max 2 (the defaults), 4 (separable layer norm) and 6 (m_max 1, no attention
-    re-normalisation). (The harness tests mirror symmetry too, so the SE(3)-only variant with
+    """l_max 2 (the defaults), 4 (8 hidden channels between the SO(2) convolutions) and 6
+    (m_max 1, no attention re-normalisation, v1's per-degree layer norm). (The harness tests mirror symmetry too, so the SE(3)-only variant with
     the imaginary SO(2) weights is tested below.)"""
 
     @pytest.fixture(
         scope="class",
         params=[
             {"l_max": 2},
-            {"l_max": 4, "separable_layer_norm": True},
-            {"l_max": 6, "m_max": 1, "attention_renorm": False},
+            {"l_max": 4, "hidden_channels": 8},
+            {"l_max": 6, "m_max": 1, "attention_renorm": False, "separable_layer_norm": False},
         ],
-        ids=["lmax2", "lmax4-separable", "lmax6-mmax1"],
+        ids=["lmax2", "lmax4-hidden8", "lmax6-mmax1-per-degree-norm"],
     )
     def config(self, request):
         return small_v2(**request.param)
@@ -83,6 +83,7 @@ def test_edge_rotations_take_the_polar_axis_to_the_edge_with_finite_gradients():
 def test_wigner_matrices_rotate_spherical_harmonics(l_max, m_max):
     """Y_l(R s) = D^l(R) Y_l(s) on the kept columns, and the edge frame sees Y(r) as Y(y):
     into() puts an edge's own harmonics on m = 0; out_of(into(x)) = x when m_max = l_max."""
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         r_hat = _directions()
@@ -105,7 +106,7 @@ def test_wigner_matrices_rotate_spherical_harmonics(l_max, m_max):
             assert torch.allclose(kept[:, col : col + d * k].reshape(-1, d, k), block, atol=1e-10)
             col, col_full = col + d * k, col_full + d * d
     finally:
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(previous)
 
 
 # ---- edge cases and errors ---------------------------------------------------------------
@@ -171,14 +172,14 @@ def _assert_forces_are_minus_the_energy_gradient(model, pos, types, atom=2, atol
 
 def test_v2_mirror_images_have_equal_energies_only_with_parity():
     """With parity the SO(2) maps drop their imaginary part and mirror images agree; the
-    SE(3)-only model keeps it (with separable layer norm here), tells mirror images apart, and
+    SE(3)-only model keeps it (with the per-degree layer norm here), tells mirror images apart, and
     its forces are the exact -dE/dx."""
     pos = torch.tensor(np.random.RandomState(3).randn(5, 3) * 1.2)
     types = torch.tensor([1, 0, 0, 2, 0])
     mirror = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
     e3 = _model(parity=True)
     assert abs(_energy_forces(e3, pos, types)[0] - _energy_forces(e3, pos @ mirror, types)[0]) < 1e-10
-    se3 = _model(parity=False, separable_layer_norm=True)
+    se3 = _model(parity=False, separable_layer_norm=False)
     assert abs(_energy_forces(se3, pos, types)[0] - _energy_forces(se3, pos @ mirror, types)[0]) > 1e-6
     _assert_forces_are_minus_the_energy_gradient(se3, pos, types)
 
@@ -229,3 +230,18 @@ def test_v2_scripts_and_matches_eager(l_max):
     e, f = _energy_forces(model, pos, types)
     e_script, f_script = _energy_forces(script(model), pos, types)
     assert abs(e - e_script) < 1e-10 and torch.allclose(f, f_script, atol=1e-10)
+
+
+@pytest.mark.parametrize("l_max", [1, 3])
+def test_v2_at_the_other_degrees_is_equivariant_with_exact_forces(l_max):
+    """l_max 1 (m_max 1) and 3 (the DEQuify shape), which the harness above does not run:
+    rotated and mirrored inputs give rotated forces, and forces are the exact -dE/dx."""
+    model = _model(l_max=l_max, m_max=min(2, l_max))
+    pos = torch.tensor(np.random.RandomState(6).randn(5, 3) * 1.2)
+    types = torch.tensor([1, 0, 0, 2, 0])
+    rotation = _rotation(3)
+    e, f = _energy_forces(model, pos, types)
+    for transform in (rotation, -rotation):
+        e_t, f_t = _energy_forces(model, pos @ transform.T, types)
+        assert abs(e - e_t) < 1e-10 and torch.allclose(f @ transform.T, f_t, atol=1e-10)
+    _assert_forces_are_minus_the_energy_gradient(model, pos, types)

@@ -60,7 +60,8 @@ ARCHITECTURE_ARGS = """
         hidden_channels (int): v2: channels between the two SO(2) convolutions (default ``0``:
             the multiplicity)
         separable_layer_norm (bool): one variance for all degrees l > 0 (EquiformerV2's
-            layer norm) instead of one per degree (default ``False``)
+            layer norm) instead of one per degree (default: each paper's choice, ``True`` for
+            v2 blocks, ``False`` for v1)
         s2_activation (bool): v2: EquiformerV2's separable S2 activation (SiLU on a grid on
             the sphere) in the feed-forward networks instead of a gate; equivariant only up to
             the grid's aliasing error (rotated forces of small test models differ by 1e-6 eV/Å
@@ -129,7 +130,7 @@ class EquiformerArchitecture:
         m_max: int = 2,
         attention_renorm: bool = True,
         hidden_channels: int = 0,
-        separable_layer_norm: bool = False,
+        separable_layer_norm: Optional[bool] = None,
         s2_activation: bool = False,
         ffn_multiplier: int = 3,
         num_output_features: int = 512,
@@ -166,6 +167,8 @@ class EquiformerArchitecture:
         self.m_max = m_max
         self.attention_renorm = attention_renorm
         self.hidden_channels = hidden_channels
+        if separable_layer_norm is None:  # each paper's layer norm
+            separable_layer_norm = block_type == "v2"
         self.separable_layer_norm = separable_layer_norm
         self.s2_activation = s2_activation
         self.ffn_multiplier = ffn_multiplier
