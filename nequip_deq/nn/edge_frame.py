@@ -106,7 +106,6 @@ class EdgeWignerD(torch.nn.Module):
     def __init__(self, l_max: int, m_max: int):
         super().__init__()
         self.l_max = l_max
-        self.m_max = m_max
         points = _sample_points(l_max)
         self.sh = SphericalHarmonics(
             Irreps.spherical_harmonics(l_max), normalize=False, normalization="component"

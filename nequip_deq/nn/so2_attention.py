@@ -92,7 +92,7 @@ class SO2GraphAttention(torch.nn.Module):
             extra_scalars=num_logits + self.hidden, mirror_symmetric=mirror_symmetric,
         )
         self.conv2 = SO2Convolution(
-            l_max, m_max, self.hidden, self.channels, mirror_symmetric=mirror_symmetric, radial=False
+            l_max, m_max, self.hidden, self.channels, mirror_symmetric=mirror_symmetric
         )
         self.radial = ScalarMLPFunction(
             input_dim=num_basis,

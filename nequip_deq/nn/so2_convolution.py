@@ -61,7 +61,6 @@ class SO2Convolution(torch.nn.Module):
         c_in, c_out: channels per component
         extra_scalars: further invariant outputs of the m = 0 map
         mirror_symmetric: drop :math:`W^i` (E(3) with natural-parity irreps)
-        radial: the input is multiplied by per-edge radial weights
     """
 
     def __init__(
@@ -72,14 +71,12 @@ class SO2Convolution(torch.nn.Module):
         c_out: int,
         extra_scalars: int = 0,
         mirror_symmetric: bool = True,
-        radial: bool = True,
     ):
         super().__init__()
         self.c_in = c_in
         self.c_out = c_out
         self.extra_scalars = extra_scalars
         self.mirror_symmetric = mirror_symmetric
-        self.use_radial = radial
         groups = _order_positions(l_max, m_max)
         # degrees per order: n_0, n_1, n_1, n_2, n_2, ...
         self._sizes: List[int] = [len(g) for g in groups]
