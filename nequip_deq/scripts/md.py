@@ -29,6 +29,7 @@ from ase.md.verlet import VelocityVerlet
 
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
+from nequip_deq.integrations.ase import check_elements, load_calculator
 from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, SCHEMES
 
 DEFAULT_STRUCTURE = "rmd17_aspirin_test_01_first200.npz"
@@ -54,70 +55,6 @@ def give_molecule_a_cell(atoms: Atoms) -> None:
     (nequip issue #608)."""
     if not atoms.pbc.any() and atoms.cell.volume < 1e-8:
         atoms.center(vacuum=10.0)
-
-
-def check_elements(atoms: Atoms, calculator) -> None:
-    """Refuse, before any MD, a structure with elements the model has no type for."""
-    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
-
-    for transform in getattr(calculator, "transforms", []):
-        if isinstance(transform, ChemicalSpeciesToAtomTypeMapper):
-            known = list(transform.model_type_names)
-            unknown = sorted(set(atoms.get_chemical_symbols()) - set(known))
-            if unknown:
-                raise ValueError(
-                    f"the structure contains {unknown}, which the model was not trained on (its "
-                    f"type_names are {known}); use a model trained with these elements."
-                )
-
-
-def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME, tolerance=None):
-    """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
-    (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
-    models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
-    refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
-    (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
-    every call (default: the model's)."""
-    from nequip.integrations.ase import NequIPCalculator
-
-    from nequip_deq._compile_targets import STATE_WIDTH_METADATA_KEY, compiled_target
-    from nequip_deq.integrations.ase import DEQCalculator
-    from nequip_deq.nn.fixed_point import DEQEquiformerLayer
-
-    if model.endswith(".pt2"):
-        import torch
-
-        metadata = torch._inductor.aoti_load_package(model).get_metadata()
-        target = compiled_target(metadata)
-        if target not in ("ase", "ase_deq"):
-            wanted = "ase_deq" if STATE_WIDTH_METADATA_KEY in metadata else "ase"
-            raise ValueError(
-                f"{model} was compiled for `--target {target}`; ASE needs `--target {wanted}` "
-                f"(recompile: nequip-compile <checkpoint> <out>.nequip.pt2 --mode aotinductor "
-                f"--target {wanted})."
-            )
-        if STATE_WIDTH_METADATA_KEY not in metadata:
-            return NequIPCalculator.from_compiled_model(
-                model, device=device, chemical_species_to_atom_type_map=True
-            )
-        return DEQCalculator.from_compiled_model(
-            model, device=device, chemical_species_to_atom_type_map=True, extrapolation=extrapolation,
-            tolerance=tolerance,
-        )
-    if model.endswith(".pth"):
-        return NequIPCalculator.from_compiled_model(
-            model, device=device, chemical_species_to_atom_type_map=True
-        )
-    calc = NequIPCalculator._from_saved_model(
-        model, device=device, chemical_species_to_atom_type_map=True
-    )
-    # by class name: a packaged model (.nequip.zip) carries its own copy of the class
-    if any(type(m).__name__ == DEQEquiformerLayer.__name__ for m in calc.model.modules()):
-        return DEQCalculator(
-            calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation,
-            tolerance=tolerance,
-        )
-    return calc
 
 
 def run_md(

@@ -17,7 +17,8 @@ import numpy as np
 
 from nequip_deq import plots
 from nequip_deq._resolvers import bundled_data_path
-from nequip_deq.scripts.md import DEFAULT_STRUCTURE, give_molecule_a_cell, load_calculator
+from nequip_deq.integrations.ase import load_calculator
+from nequip_deq.scripts.md import DEFAULT_STRUCTURE, give_molecule_a_cell
 
 
 def predict(calculator, frames):
