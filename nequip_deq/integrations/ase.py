@@ -205,6 +205,7 @@ def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME
     (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
     every call (default: the model's)."""
     from ..nn.fixed_point import DEQEquiformerLayer
+    from ..nn.variational import VariationalDEQLayer
 
     if model.endswith(".pt2"):
         metadata = torch._inductor.aoti_load_package(model).get_metadata()
@@ -232,7 +233,8 @@ def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME
         model, device=device, chemical_species_to_atom_type_map=True
     )
     # by class name: a packaged model (.nequip.zip) carries its own copy of the class
-    if any(type(m).__name__ == DEQEquiformerLayer.__name__ for m in calc.model.modules()):
+    deq_layers = (DEQEquiformerLayer.__name__, VariationalDEQLayer.__name__)
+    if any(type(m).__name__ in deq_layers for m in calc.model.modules()):
         return DEQCalculator(
             calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation,
             tolerance=tolerance,

@@ -8,14 +8,17 @@ from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE
 from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
 from nequip_deq.nn.graph_model import EagerForTrainTimeCompile
 from nequip_deq.nn.injection import INJECTIONS
+from nequip_deq.nn.variational import VariationalDEQLayer
 
 from .architecture import EquiformerArchitecture, InvalidModelConfig, with_architecture_args
+
+FIXED_POINTS = {"lagrangian": DEQEquiformerLayer, "variational": VariationalDEQLayer}
 
 
 def check_deq_args(
     num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
     gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
-    norm_eps,
+    norm_eps, fixed_point="lagrangian", jacobian_penalty=False, stiffness=10.0,
 ) -> None:
     """Refuse solver settings the model cannot run with, naming the argument and the fix."""
     if not isinstance(num_deq_layers, int) or num_deq_layers < 1:
@@ -23,6 +26,7 @@ def check_deq_args(
             f"`num_deq_layers={num_deq_layers}`: need an integer >= 1 (1 or 2 is usual)."
         )
     for name, value, allowed in (
+        ("fixed_point", fixed_point, FIXED_POINTS),
         ("injection", injection, INJECTIONS),
         ("solver", solver, SOLVERS),
         ("gradient", gradient, GRADIENTS),
@@ -30,6 +34,20 @@ def check_deq_args(
     ):
         if value not in allowed:
             raise InvalidModelConfig(f"`{name}={value!r}` is unknown; use one of {list(allowed)}.")
+    if fixed_point == "variational":
+        for name, value, needed in (
+            ("gradient", gradient, "implicit"),
+            ("train_gradient", train_gradient, "implicit"),
+            ("jacobian_penalty", jacobian_penalty, False),
+        ):
+            if value != needed:
+                raise InvalidModelConfig(
+                    f"`fixed_point: variational` with `{name}={value!r}`: the variational DEQ "
+                    f"supports `{name}={needed!r}` only (its forces need no adjoint, and its "
+                    "training gradient is the Hessian solve)."
+                )
+    if not stiffness > 0:
+        raise InvalidModelConfig(f"`stiffness={stiffness}` must be > 0 (default 10).")
     if not 0.0 < damping <= 1.0:
         raise InvalidModelConfig(
             f"`damping={damping}` must be in (0, 1] (1: plain fixed-point iteration; "
@@ -60,6 +78,8 @@ def check_deq_args(
 @model_builder(compile_wrapper_class=EagerForTrainTimeCompile)
 @with_architecture_args
 def DEQEquiformerModel(
+    fixed_point: str = "lagrangian",
+    stiffness: float = 10.0,
     num_deq_layers: int = 1,
     injection: str = "add",
     branch_scale: Optional[float] = 0.1,
@@ -87,9 +107,20 @@ def DEQEquiformerModel(
     :mod:`nequip_deq.nn.fixed_point`), and so is the parameter gradient of a force loss in
     training (``train_gradient: implicit``; :mod:`nequip_deq.nn.training_gradients`).
 
+    ``fixed_point: variational`` makes the fixed point the minimiser of the energy instead
+    (:mod:`nequip_deq.nn.variational`): :math:`E = \\Phi(z^*)`, :math:`z^* = \\arg\\min_z
+    \\Phi(z, x)`, forces without an adjoint solve, a symmetric fixed-point Jacobian.
+
     DEQ arguments:
 
     Args:
+        fixed_point (str): ``lagrangian`` (default: energy read out from the fixed point of the
+            blocks, forces through an adjoint solve) or ``variational`` (the state minimises
+            the energy; no adjoint; eager only for now, and ``gradient``/``train_gradient``
+            ``implicit``, no ``jacobian_penalty``)
+        stiffness (float): variational only: :math:`\\kappa`, the weight of the latent
+            state's norm in the energy (default 10); the readout's curvature in the state must
+            stay below it for the minimum to be unique and the iteration to converge
         num_deq_layers (int): Equiformer blocks inside :math:`f` (default 1)
         injection (str): ``add`` (default; added to :math:`z` and rescaled to the
             injection's norm) or ``concat`` (linear map of :math:`[z, x]`)
@@ -125,7 +156,7 @@ def DEQEquiformerModel(
     check_deq_args(
         num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
         gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
-        norm_eps,
+        norm_eps, fixed_point, jacobian_penalty, stiffness,
     )
     arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs)
     modules = arch.encoder(
@@ -136,7 +167,9 @@ def DEQEquiformerModel(
     encoded = modules["edge_degree_embed"].irreps_out
     output_block = arch.output_block(encoded)
     readout = [output_block] + list(arch.energy_readout(output_block.irreps_out).values())
-    modules["deq"] = DEQEquiformerLayer(
+    variational = {"stiffness": stiffness} if fixed_point == "variational" else {}
+    modules["deq"] = FIXED_POINTS[fixed_point](
+        **variational,
         num_deq_layers=num_deq_layers,
         block_kwargs=dict(arch.block_kwargs(), branch_scale=branch_scale, norm_eps=norm_eps),
         readout=readout,

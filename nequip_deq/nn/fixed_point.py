@@ -493,9 +493,52 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         if eager:
             check_solution("forward solve", z_star, f_it, f_res, f_tol)
 
+        per_atom, v_star, b_it, b_res = self._energy_at_solution(
+            data, x_hat, weights, z_star, v0, batch, num_frames, b_stop, b_tol, floor, mode
+        )
+
+        if eager and self.training and self.jacobian_penalty:
+            self._store_jacobian_penalty(data, x_hat, weights, z_star)
+        unchecked = not eager and _keys.DEQ_STATE_KEY not in data  # no caller checks the solves
+        if use_cache or unchecked:
+            finite, converged = _solved(z_star, v_star, per_atom, f_res, b_res, f_tol, b_tol)
+            if use_cache:
+                pos, types, cell = cache_inputs(data)
+                self.state_cache.store(
+                    pos, types, (z0, v0), (z_star, v_star), cache_hit, finite & converged
+                )
+            if unchecked:
+                _stop_unless_solved(finite, converged)
+        data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
+        data[_keys.DEQ_STATE_KEY] = z_star.detach()
+        data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()
+        data[_keys.SOLVER_ITERATIONS_KEY] = f_it
+        data[_keys.SOLVER_RESIDUAL_KEY] = f_res
+        data[_keys.ADJOINT_ITERATIONS_KEY] = b_it
+        data[_keys.ADJOINT_RESIDUAL_KEY] = b_res
+        return data
+
+    def _energy_at_solution(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z_star: torch.Tensor,
+        v0: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        b_stop: float,
+        b_tol: float,
+        floor: float,
+        mode: str,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-atom energies ``(N, 1)`` at the fixed point ``z_star``, with the graph whose
+        gradient is the exact force (the Lagrangian of the module docstring, after the
+        adjoint solve from ``v0``), and the adjoint's solution, iterations and residuals."""
+        eager = mode == "eager"
         v_star = torch.zeros_like(z_star)
-        b_it = torch.zeros_like(f_it)
-        b_res = torch.zeros_like(f_res)
+        b_it = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
+        b_res = torch.zeros(num_frames, dtype=z_star.dtype, device=z_star.device)
         if self.implicit:
             # adjoint v* = dR/dz + (df/dz)^T v* at z*, and the recorded f(z*) it used
             if mode == "traced":
@@ -528,27 +571,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             for _ in range(max(self.train_unroll_steps, 1)):
                 z = self.f(z, data, x_hat, weights)
             per_atom = self.energy(z, data)
-
-        if eager and self.training and self.jacobian_penalty:
-            self._store_jacobian_penalty(data, x_hat, weights, z_star)
-        unchecked = not eager and _keys.DEQ_STATE_KEY not in data  # no caller checks the solves
-        if use_cache or unchecked:
-            finite, converged = _solved(z_star, v_star, per_atom, f_res, b_res, f_tol, b_tol)
-            if use_cache:
-                pos, types, cell = cache_inputs(data)
-                self.state_cache.store(
-                    pos, types, (z0, v0), (z_star, v_star), cache_hit, finite & converged
-                )
-            if unchecked:
-                _stop_unless_solved(finite, converged)
-        data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
-        data[_keys.DEQ_STATE_KEY] = z_star.detach()
-        data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()
-        data[_keys.SOLVER_ITERATIONS_KEY] = f_it
-        data[_keys.SOLVER_RESIDUAL_KEY] = f_res
-        data[_keys.ADJOINT_ITERATIONS_KEY] = b_it
-        data[_keys.ADJOINT_RESIDUAL_KEY] = b_res
-        return data
+        return per_atom, v_star, b_it, b_res
 
     def _start(self, data: AtomicDataDict.Type, key: str, x: torch.Tensor) -> torch.Tensor:
         """Starting point from ``data[key]`` when given with the right shape, else zeros."""

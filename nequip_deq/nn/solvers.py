@@ -209,6 +209,61 @@ def gmres(
 
 
 @torch.jit.unused
+def conjugate_gradient(
+    apply_operator: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    batch: torch.Tensor,
+    num_frames: int,
+    tol: float,
+    max_iter: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve :math:`A x = b` for a symmetric positive-definite :math:`A` (block-diagonal over
+    frames; ``apply_operator``: :math:`x \\mapsto A x`) by conjugate gradients from
+    :math:`x = 0`, every frame with its own step sizes (inner products are sums over the
+    frame's atoms), so each frame converges as if it were solved alone. A frame stops updating
+    once its relative residual :math:`\\|b - A x\\| / \\|b\\|` is at most ``tol`` (a zero
+    right-hand side is solved at once). ``b`` ``(N, D)``.
+
+    Returns ``x``, the operator applications after which each frame reached ``tol``
+    (``max_iter`` if it did not) and each frame's final relative residual. A direction of
+    non-positive curvature (the operator is not positive definite there) stops that frame
+    with a non-finite residual, which :func:`check_solution` reports."""
+
+    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return scatter((p * q).sum(-1), batch, dim=0, dim_size=num_frames)
+
+    def per_atom(t: torch.Tensor) -> torch.Tensor:
+        return t[batch].unsqueeze(-1)
+
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    b_norm = dot(b, b).sqrt()
+    rr = dot(r, r)
+    res = rr.sqrt() / b_norm.clamp_min(1e-300)
+    res = torch.where(b_norm == 0, torch.zeros_like(res), res)
+    active = res > tol
+    iters = torch.zeros(num_frames, dtype=torch.long, device=b.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        ap = apply_operator(p)
+        curvature = dot(p, ap)
+        alpha = torch.where(active & (curvature > 0), rr / curvature.clamp_min(1e-300), torch.zeros_like(rr))
+        x = x + per_atom(alpha) * p
+        r = r - per_atom(alpha) * ap
+        rr_new = dot(r, r)
+        iters = iters + active.long()
+        res = torch.where(active, rr_new.sqrt() / b_norm.clamp_min(1e-300), res)
+        res = torch.where(active & ~(curvature > 0), torch.full_like(res, float("nan")), res)
+        beta = rr_new / rr.clamp_min(1e-300)
+        p = torch.where(per_atom(active), r + per_atom(beta) * p, p)
+        rr = torch.where(active, rr_new, rr)
+        active = active & (res > tol)
+    return x, iters, res
+
+
+@torch.jit.unused
 def _while(step: Callable, state, max_trips: int):
     """``state = (s, iters, res, active) <- step(*state)`` as a ``torch.while_loop`` (exportable:
     a compiled model stops at the tolerance) until no frame is active or after ``max_trips``

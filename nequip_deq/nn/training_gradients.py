@@ -49,6 +49,23 @@ on detached geometry, so it carries the parameter dependence only.
 ``unroll`` (the alternative, ``train_gradient: unroll``) differentiates ``K`` refinement steps
 of both fixed points instead: its error decays like (contraction factor)^K, its memory grows
 with K.
+
+**Variational fixed points** (:class:`~nequip_deq.nn.variational.VariationalDEQLayer`). There the
+energy is :math:`E = \\Phi(z^*)` at the minimiser of :math:`\\Phi(z, p, \\theta)`, so
+:math:`F = -\\partial_p\\Phi` at :math:`z^*` and
+
+.. math::
+    \\frac{dF}{d\\theta} = -\\partial_\\theta\\partial_p\\Phi - \\partial_z\\partial_p\\Phi\\;
+        \\frac{dz^*}{d\\theta},\\qquad
+    \\frac{dz^*}{d\\theta} = -H^{-1}\\,\\partial_\\theta\\nabla_z\\Phi,\\qquad
+    H = \\nabla_z^2\\Phi ,
+
+from :math:`\\nabla_z\\Phi(z^*) = 0`. A cotangent :math:`a` arriving at :math:`z` contributes
+:math:`-u^\\top\\partial_\\theta\\nabla_z\\Phi` with :math:`H u = a`: one linear solve with the
+*symmetric* Hessian, positive definite at a minimum, by conjugate gradients
+(:func:`~nequip_deq.nn.solvers.conjugate_gradient`; one Hessian-vector product is one double
+backward pass through a recorded :math:`\\nabla_z\\Phi`). The attachment is the same
+:class:`ImplicitTrainingGradient` (the force pass passes nothing: :math:`\\nabla_z\\Phi = 0`).
 """
 
 from typing import Callable, List, Optional, Tuple
@@ -57,7 +74,7 @@ import torch
 
 from nequip.data import AtomicDataDict
 
-from .solvers import check_solution, gmres
+from .solvers import check_solution, conjugate_gradient, gmres
 
 
 class ImplicitTrainingGradient(torch.autograd.Function):
@@ -162,6 +179,44 @@ def backward_solve(
         [fz, phi_v], [x] + params, [u[:, :width], u[:, width:]], allow_unused=True
     )
     return list(grads), iters, res
+
+
+def attach_minimiser_gradient(
+    layer,
+    data: AtomicDataDict.Type,
+    x_hat: torch.Tensor,
+    z_star: torch.Tensor,
+    batch: torch.Tensor,
+    num_frames: int,
+    tol: float,
+    max_iter: int,
+) -> torch.Tensor:
+    """:math:`z^*` of a variational layer (``potential``, ``edge_weights``) as a function of
+    the parameters and :math:`\\hat x`, with the Hessian solve of the module docstring in its
+    backward; the solve's statistics go to ``layer.last_backward_statistics``."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    geometry = {k: v.detach() for k, v in data.items()}
+    x_fixed, z_fixed = x_hat.detach(), z_star.detach()
+
+    def solve(grad_z: Optional[torch.Tensor], grad_v: Optional[torch.Tensor]):
+        if grad_z is None:
+            return [None] * (1 + len(params))
+        with torch.enable_grad():
+            z = z_fixed.clone().requires_grad_(True)
+            x = x_fixed.clone().requires_grad_(True)
+            phi = layer.potential(z, geometry, x, layer.edge_weights(geometry)).sum()
+            gradient = torch.autograd.grad([phi], [z], create_graph=True)[0]
+
+        def hessian_product(u: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad([gradient], [z], [u], retain_graph=True)[0]
+
+        u, iters, res = conjugate_gradient(hessian_product, grad_z, batch, num_frames, tol, max_iter)
+        check_solution("implicit-gradient Hessian solve", u, iters, res, tol)
+        layer.last_backward_statistics = {"iterations": iters, "residual": res}
+        return list(torch.autograd.grad([gradient], [x] + params, [-u], allow_unused=True))
+
+    z, _ = ImplicitTrainingGradient.apply(solve, z_fixed, torch.zeros_like(z_fixed), x_hat, *params)
+    return z
 
 
 def unroll(
