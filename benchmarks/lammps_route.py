@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     print("| model | system | ASE ms/step | LAMMPS ms/step | LAMMPS / ASE |")
     print("|---|---|---|---|---|")
-    for model in args.model:
+    for model in [str(Path(m).resolve()) for m in args.model]:
         for system, (script, data, periodic) in SYSTEMS.items():
             steps = args.box_steps if periodic else args.steps
             with tempfile.TemporaryDirectory() as work:
