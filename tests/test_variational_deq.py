@@ -2,7 +2,9 @@
 −dE/dx without an adjoint, the fixed point is a minimum of the energy, the fixed-point
 Jacobian is symmetric (the Lagrangian DEQ's is not), the training gradient of a force loss
 (Hessian solve) matches finite differences, rotations and mirrors act as they must, the ASE
-calculator warm-starts it, and what it does not support is refused with the reason."""
+calculator warm-starts it and runs shadow dynamics with it (no solve; forces exactly −dU/dx of
+the shadow energy at the auxiliary state; a guard that solves instead), and what it does not
+support is refused with the reason."""
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from scipy.spatial.transform import Rotation
 from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
 from nequip.data.transforms import NeighborListTransform
 
+from nequip_deq._keys import DEQ_STATE_KEY, DEQ_TOLERANCE_KEY
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.model import InvalidModelConfig
 from nequip_deq.nn import variational
@@ -203,6 +206,74 @@ def test_calculator_warm_starts_it():
         iterations.append(warm.results["deq_iterations"])
         assert warm.results["deq_adjoint_iterations"] == 0
     assert max(iterations[1:]) < 0.7 * iterations[0], iterations
+
+
+def md_frames(atoms, steps):
+    """Positions along a smooth, MD-like path (each atom oscillating about its start)."""
+    rng = np.random.default_rng(7)
+    amplitude, phase = rng.normal(scale=0.05, size=(2,) + atoms.positions.shape)
+    for k in range(steps):
+        frame = atoms.copy()
+        frame.positions = atoms.positions + amplitude * np.sin(0.15 * k + phase)
+        yield frame
+
+
+def shadow_energy(model, atoms, p):
+    """U(x; p): the model's energy at the state ``p``, not solved (tolerance above any
+    residual)."""
+    data = graph(atoms)
+    data[DEQ_STATE_KEY] = p
+    data[DEQ_TOLERANCE_KEY] = torch.full((1, 2), float("inf"), dtype=p.dtype)
+    return model(data)
+
+
+def test_shadow_dynamics_steps_give_the_shadow_forces():
+    """With ``shadow=True`` the first eight calls solve (the recurrence's history), later calls
+    run no iteration; their forces are exactly −dU/dx of the shadow energy at the auxiliary
+    state (central differences at fixed p), and close to the converged model's."""
+    model = vbuild(f_tol=1e-8)
+    transforms = [mapper(), NeighborListTransform(r_max=R_MAX)]
+    shadow = DEQCalculator(model, device="cpu", transforms=transforms, shadow=True)
+    cold = DEQCalculator(model, device="cpu", transforms=transforms, warm_start=False)
+    flags, iterations, errors = [], [], []
+    for frame in md_frames(rattled("CH3CH2OH", 6), 14):
+        p = shadow._starts.start()
+        forces = shadow.get_forces(frame.copy())
+        flags.append(shadow.results["deq_shadow"])
+        iterations.append(shadow.results["deq_iterations"])
+        errors.append(np.abs(forces - cold.get_forces(frame.copy())).max())
+    assert flags == [False] * 8 + [True] * 6 and iterations[8:] == [0] * 6, (flags, iterations)
+    assert max(errors[8:]) < 5e-3 and max(errors[:8]) < 1e-6, errors
+    out = shadow_energy(model, frame, p[0])
+    np.testing.assert_allclose(out[AtomicDataDict.FORCE_KEY].detach().numpy(), forces, atol=1e-10)
+    numeric = central_difference_forces(
+        lambda d: shadow_energy(model, frame_at(frame, d), p[0]), graph(frame), 1e-4, [0, 4]
+    )
+    torch.testing.assert_close(torch.as_tensor(forces[[0, 4]]), numeric, atol=1e-7, rtol=0)
+
+
+def frame_at(atoms, data):
+    moved = atoms.copy()
+    moved.positions = data[AtomicDataDict.POSITIONS_KEY].detach().numpy()
+    return moved
+
+
+def test_shadow_guard_solves_instead_and_says_so():
+    """A shadow step whose auxiliary state is further from the solution than ``shadow_bound``
+    is solved to tolerance instead, with one warning naming the call; shadow dynamics needs a
+    variational DEQ with the extended-Lagrangian recurrence."""
+    model = vbuild(f_tol=1e-8)
+    transforms = [mapper(), NeighborListTransform(r_max=R_MAX)]
+    calc = DEQCalculator(model, device="cpu", transforms=transforms, shadow=True, shadow_bound=1e-12)
+    with pytest.warns(UserWarning, match="shadow step at call 9: .* solving this step") as caught:
+        for frame in md_frames(rattled("CH3CH2OH", 6), 11):
+            calc.get_forces(frame.copy())
+            assert not calc.results["deq_shadow"] and calc.results["deq_iterations"] > 0
+    assert sum("shadow step" in str(w.message) for w in caught) == 1
+    with pytest.raises(ValueError, match="shadow dynamics needs an eager variational DEQ"):
+        DEQCalculator(build("float64"), device="cpu", transforms=transforms, shadow=True)
+    with pytest.raises(ValueError, match="extrapolation 'quadratic'"):
+        DEQCalculator(model, device="cpu", transforms=transforms, shadow=True, extrapolation="quadratic")
 
 
 def test_what_it_does_not_support_is_refused(monkeypatch):

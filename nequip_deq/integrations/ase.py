@@ -18,7 +18,13 @@ from .._compile_targets import (
     compiled_target,
     solver_limits,
 )
-from .._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY, SOLVER_STATISTICS
+from .._keys import (
+    DEQ_ADJOINT_STATE_KEY,
+    DEQ_STATE_KEY,
+    DEQ_TOLERANCE_KEY,
+    SOLVER_RESIDUAL_KEY,
+    SOLVER_STATISTICS,
+)
 from ..nn.extrapolation import DEFAULT_SCHEME, StartingPoints
 from ..nn.solvers import TF32_TOLERANCE_FLOOR, FixedPointError, tolerance_floor
 
@@ -45,9 +51,18 @@ class DEQCalculator(NequIPCalculator):
     (default: the model's own, for a compiled model the one recorded at compile time). Looser
     is cheaper and conserves energy less well: docs/deq.md tabulates both against it.
 
+    ``shadow`` (variational DEQs, ``fixed_point: variational``, eager; with ``xlbomd``):
+    zero-iteration extended-Lagrangian ("shadow") dynamics. Once the recurrence has its history
+    (the first eight calls solve to tolerance), a call does not solve: it evaluates the energy
+    at the auxiliary state :math:`p`, :math:`U(x; p) = \\Phi(p, x)`, whose forces are exactly
+    :math:`-\\partial U/\\partial x` at fixed :math:`p` (energy error second order, force
+    error first order in :math:`p - z^*`), and records one descent step from :math:`p` as the
+    recurrence's "solution". A call whose residual at :math:`p` is above ``shadow_bound``
+    is solved to tolerance instead, with a warning the first time (and its call number).
+
     Solver statistics of the last call are in ``results``: ``deq_iterations``,
-    ``deq_residual``, ``deq_adjoint_iterations``, ``deq_adjoint_residual`` and ``deq_warm``
-    (whether it was warm-started).
+    ``deq_residual``, ``deq_adjoint_iterations``, ``deq_adjoint_residual``, ``deq_warm``
+    (whether it was warm-started) and ``deq_shadow`` (whether it was a shadow step).
 
     Eager models (``from_checkpoint_model`` / constructor) work as they are and check their
     own solves; compiled models must be compiled with ``nequip-compile --mode aotinductor
@@ -64,6 +79,7 @@ class DEQCalculator(NequIPCalculator):
         "deq_adjoint_iterations",
         "deq_adjoint_residual",
         "deq_warm",
+        "deq_shadow",
     ]
 
     def __init__(
@@ -74,6 +90,8 @@ class DEQCalculator(NequIPCalculator):
         state_width: Optional[int] = None,
         solver_limits: Optional[dict] = None,
         tolerance: Optional[float] = None,
+        shadow: bool = False,
+        shadow_bound: float = 0.05,
         **kwargs,
     ):
         if tolerance is not None and not tolerance > 0:
@@ -94,7 +112,23 @@ class DEQCalculator(NequIPCalculator):
         if solver_limits is not None and self.tolerances is not None:
             self.solver_limits = {**solver_limits, "f_tol": self.tolerances[0], "b_tol": self.tolerances[1]}
         self.calls = 0
+        self.shadow = bool(shadow)
+        self.shadow_bound = float(shadow_bound)
+        self._shadow_warned = False
+        if self.shadow:
+            self._check_shadow()
         self.reset_state()
+
+    def _check_shadow(self) -> None:
+        variational = any(type(m).__name__ == "VariationalDEQLayer" for m in self.model.modules())
+        if not variational or self.extrapolation != "xlbomd":
+            raise ValueError(
+                "shadow dynamics needs an eager variational DEQ (`fixed_point: variational`: "
+                "its energy is stationary in the state, so a state that is not solved gives a "
+                "shadow energy with exact forces) and `extrapolation='xlbomd'` (the recurrence "
+                f"that carries the state); got {'a variational' if variational else 'another'} "
+                f"model and extrapolation {self.extrapolation!r}."
+            )
 
     @classmethod
     def _get_aoti_compile_target(cls):
@@ -137,6 +171,7 @@ class DEQCalculator(NequIPCalculator):
         self._starts = StartingPoints(self.extrapolation)  # of the current atoms
         self._numbers = None
         self._warm = False
+        self._shadow_step = False
 
     def call_model(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         num_atoms = data[AtomicDataDict.POSITIONS_KEY].shape[0]
@@ -157,20 +192,42 @@ class DEQCalculator(NequIPCalculator):
         elif self.state_width is not None:  # compiled models always take a state
             zeros = torch.zeros(num_atoms, self.state_width, dtype=dtype, device=self.device)
             data[DEQ_STATE_KEY], data[DEQ_ADJOINT_STATE_KEY] = zeros, zeros.clone()
-        if self.tolerances is not None:
+        self._shadow_step = self.shadow and warm and self._starts.from_recurrence
+        unsolved = data.copy()
+        if self._shadow_step:  # no solve: the energy at the given state
+            data[DEQ_TOLERANCE_KEY] = torch.full((1, 2), float("inf"), dtype=dtype, device=self.device)
+        elif self.tolerances is not None:
             data[DEQ_TOLERANCE_KEY] = torch.tensor([self.tolerances], dtype=dtype, device=self.device)
         out = super().call_model(data)
+        if self._shadow_step and not float(out[SOLVER_RESIDUAL_KEY].max()) <= self.shadow_bound:
+            out = self._solve_instead(unsolved, float(out[SOLVER_RESIDUAL_KEY].max()))
         solution = (out[DEQ_STATE_KEY].detach(), out[DEQ_ADJOINT_STATE_KEY].detach())
         self._starts.record(solution)
         self._numbers = numbers.copy()
         self._warm = warm
         return out
 
+    def _solve_instead(self, data: AtomicDataDict.Type, residual: float) -> AtomicDataDict.Type:
+        """A shadow step whose state is too far from the solution: solve it (from that state)."""
+        if not self._shadow_warned:
+            warnings.warn(
+                f"shadow step at call {self.calls + 1}: relative residual {residual:.3g} of the "
+                f"auxiliary state is above shadow_bound {self.shadow_bound:g}; solving this step "
+                "to tolerance instead (said once; `deq_shadow` in the results marks each step)."
+            )
+            self._shadow_warned = True
+        self._shadow_step = False
+        if self.tolerances is not None:
+            dtype = data[AtomicDataDict.POSITIONS_KEY].dtype
+            data[DEQ_TOLERANCE_KEY] = torch.tensor([self.tolerances], dtype=dtype, device=self.device)
+        return super().call_model(data)
+
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
         self.calls += 1
         for key in SOLVER_STATISTICS:
             self.results[key] = out[key].detach().cpu().numpy().reshape(-1)[0]
         self.results["deq_warm"] = self._warm
+        self.results["deq_shadow"] = self._shadow_step
         if self.solver_limits is not None:
             check_solves(self.results, out, self.solver_limits, self.calls)
 
@@ -197,16 +254,24 @@ def check_elements(atoms: Atoms, calculator) -> None:
         )
 
 
-def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME, tolerance=None):
+def load_calculator(
+    model: str, device: str, extrapolation: str = DEFAULT_SCHEME, tolerance=None, shadow: bool = False
+):
     """An ASE calculator for ``model``: :class:`~nequip_deq.integrations.ase.DEQCalculator`
     (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
     models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
     refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
     (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
-    every call (default: the model's)."""
+    every call (default: the model's); ``shadow``: shadow dynamics (eager variational DEQs,
+    see :class:`DEQCalculator`)."""
     from ..nn.fixed_point import DEQEquiformerLayer
     from ..nn.variational import VariationalDEQLayer
 
+    if shadow and model.endswith((".pt2", ".pth")):
+        raise ValueError(
+            f"{model}: shadow dynamics needs an eager variational DEQ (a checkpoint or package "
+            "of a `fixed_point: variational` model); compiled models solve every step."
+        )
     if model.endswith(".pt2"):
         metadata = torch._inductor.aoti_load_package(model).get_metadata()
         target = compiled_target(metadata)
@@ -237,8 +302,10 @@ def load_calculator(model: str, device: str, extrapolation: str = DEFAULT_SCHEME
     if any(type(m).__name__ in deq_layers for m in calc.model.modules()):
         return DEQCalculator(
             calc.model, device=device, transforms=calc.transforms, extrapolation=extrapolation,
-            tolerance=tolerance,
+            tolerance=tolerance, shadow=shadow,
         )
+    if shadow:
+        raise ValueError(f"{model} is not a DEQ model: shadow dynamics needs a variational DEQ.")
     return calc
 
 

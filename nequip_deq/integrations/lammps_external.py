@@ -301,6 +301,7 @@ def run_input(
     device: str = "cpu",
     extrapolation: str = DEFAULT_SCHEME,
     tolerance: Optional[float] = None,
+    shadow: bool = False,
 ) -> ExternalForceField:
     """Run the LAMMPS input ``input_file`` with ``model`` as its force field (the input must not
     define one; paths in it are relative to the working directory, as with ``lmp -in``).
@@ -308,8 +309,8 @@ def run_input(
     ``model``: a compiled (``--target ase`` or ``ase_deq``), packaged or checkpoint file, or an
     ASE calculator; ``elements``: the element of each LAMMPS atom type, in type order;
     ``variables``: LAMMPS ``-var`` values (name -> value); ``log``: LAMMPS' log file (None: no
-    log); ``screen``: LAMMPS' screen output; ``device``, ``extrapolation``, ``tolerance``: see
-    :func:`load_calculator`. Returns the force field, whose ``calls`` record every model call.
+    log); ``screen``: LAMMPS' screen output; ``device``, ``extrapolation``, ``tolerance``,
+    ``shadow``: see :func:`load_calculator`. Returns the force field, whose ``calls`` record every model call.
 
     The input runs command by command until it has created the box (``read_data``,
     ``create_box``, ``read_restart``); then the force field is installed and the rest of the
@@ -327,7 +328,7 @@ def run_input(
         calculator = model
     else:
         print(f"nequip-deq: loading {model}", flush=True)
-        calculator = load_calculator(str(model), device, extrapolation, tolerance)
+        calculator = load_calculator(str(model), device, extrapolation, tolerance, shadow)
     force_field = ExternalForceField(calculator, elements)
 
     lammps = load_lammps()

@@ -115,6 +115,12 @@ class StartingPoints:
     def __len__(self) -> int:
         return len(self.solutions)
 
+    @property
+    def from_recurrence(self) -> bool:
+        """Whether the next start is the extended-Lagrangian auxiliary state :math:`p_{n+1}`
+        (``xlbomd`` with its full history) rather than an extrapolation."""
+        return self._next_is_xl
+
     def start(self) -> Optional[State]:
         """``(z0, v0)`` for the next solve, or ``None`` with no history."""
         return self._next

@@ -493,7 +493,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         if eager:
             check_solution("forward solve", z_star, f_it, f_res, f_tol)
 
-        per_atom, v_star, b_it, b_res = self._energy_at_solution(
+        per_atom, z_out, v_star, b_it, b_res = self._energy_at_solution(
             data, x_hat, weights, z_star, v0, batch, num_frames, b_stop, b_tol, floor, mode
         )
 
@@ -510,7 +510,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             if unchecked:
                 _stop_unless_solved(finite, converged)
         data[AtomicDataDict.PER_ATOM_ENERGY_KEY] = per_atom
-        data[_keys.DEQ_STATE_KEY] = z_star.detach()
+        data[_keys.DEQ_STATE_KEY] = z_out.detach()
         data[_keys.DEQ_ADJOINT_STATE_KEY] = v_star.detach()
         data[_keys.SOLVER_ITERATIONS_KEY] = f_it
         data[_keys.SOLVER_RESIDUAL_KEY] = f_res
@@ -531,10 +531,11 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         b_tol: float,
         floor: float,
         mode: str,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-atom energies ``(N, 1)`` at the fixed point ``z_star``, with the graph whose
         gradient is the exact force (the Lagrangian of the module docstring, after the
-        adjoint solve from ``v0``), and the adjoint's solution, iterations and residuals."""
+        adjoint solve from ``v0``), the state to return (``z_star``), and the adjoint's
+        solution, iterations and residuals."""
         eager = mode == "eager"
         v_star = torch.zeros_like(z_star)
         b_it = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
@@ -571,7 +572,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             for _ in range(max(self.train_unroll_steps, 1)):
                 z = self.f(z, data, x_hat, weights)
             per_atom = self.energy(z, data)
-        return per_atom, v_star, b_it, b_res
+        return per_atom, z_star, v_star, b_it, b_res
 
     def _start(self, data: AtomicDataDict.Type, key: str, x: torch.Tensor) -> torch.Tensor:
         """Starting point from ``data[key]`` when given with the right shape, else zeros."""

@@ -231,15 +231,25 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         b_tol: float,
         floor: float,
         mode: str,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:math:`\\Phi` per atom at the minimiser, held constant (exact forces); in training
-        the minimiser carries its parameter dependence (Hessian solve)."""
-        z = z_star.detach()
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:math:`\\Phi` per atom at the solver's last state :math:`z`, held constant (exact
+        forces of :math:`\\Phi(z, x)`; with a converged solve, of :math:`E`); in training the
+        minimiser carries its parameter dependence (Hessian solve). The state returned is one
+        more step, :math:`f(z)`, from the same forward pass and one backward pass to
+        :math:`z`: the solution itself within the tolerance, and what shadow dynamics needs
+        when :math:`z` is a given, unsolved state (``deq_tolerance`` above its residual)."""
+        no_adjoint = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
+        no_adjoint_state = torch.zeros_like(z_star)
         if self.training:
             z = attach_minimiser_gradient(
-                self, data, x_hat, z, batch, num_frames, max(self.grad_tol, floor),
+                self, data, x_hat, z_star.detach(), batch, num_frames, max(self.grad_tol, floor),
                 self.grad_max_iter,
             )
-        per_atom = _TotalEnergyGradientOnly.apply(self.potential(z, data, x_hat, weights), batch)
-        no_adjoint = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
-        return per_atom, torch.zeros_like(z_star), no_adjoint, no_adjoint.to(z_star.dtype)
+            per_atom = _TotalEnergyGradientOnly.apply(self.potential(z, data, x_hat, weights), batch)
+            return per_atom, z_star, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
+        z = z_star.detach().requires_grad_(True)
+        per_atom = self.potential(z, data, x_hat, weights)
+        gradient = torch.autograd.grad([per_atom.sum()], [z], retain_graph=True)[0]
+        step = z_star.detach() - gradient.detach() / self.metric(data, z_star)
+        per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
+        return per_atom, step, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)

@@ -54,6 +54,8 @@ def main(argv=None) -> int:
                         help="DEQ models: starting point of each step's solves from the previous ones")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="DEQ models: solver tolerance of every step (default: the model's)")
+    parser.add_argument("--shadow", action="store_true",
+                        help="variational DEQs: shadow dynamics, no solve after the first steps")
     args = parser.parse_args(argv)
 
     from nequip_deq.integrations.lammps_external import LAMMPSInputError, run_input
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         force_field = run_input(
             args.input, args.model, args.elements, dict(args.var),
             log=None if args.log == "none" else args.log, device=args.device,
-            extrapolation=args.extrapolation, tolerance=args.tolerance,
+            extrapolation=args.extrapolation, tolerance=args.tolerance, shadow=args.shadow,
         )
     except (LAMMPSInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

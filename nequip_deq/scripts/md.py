@@ -180,9 +180,12 @@ def main(argv=None):
     parser.add_argument("--tolerance", type=float, default=None,
                         help="DEQ models: solver tolerance of every step (default: the model's; "
                         "docs/deq.md tabulates drift and cost against it)")
+    parser.add_argument("--shadow", action="store_true",
+                        help="variational DEQs: shadow dynamics, no solve after the first steps "
+                        "(DEQCalculator; docs/deq.md)")
     args = parser.parse_args(argv)
 
-    calc = load_calculator(args.model, args.device, args.extrapolation, args.tolerance)
+    calc = load_calculator(args.model, args.device, args.extrapolation, args.tolerance, args.shadow)
     limits = getattr(calc, "solver_limits", None)
     if limits is not None:
         print(f"DEQ solver: forward tolerance {limits['f_tol']:g} (cap {limits['f_max_iter']} "
