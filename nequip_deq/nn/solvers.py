@@ -141,6 +141,21 @@ def check_solution(
 
 
 @torch.jit.unused
+def frame_products(batch: torch.Tensor, num_frames: int) -> Tuple[Callable, Callable]:
+    """The per-frame inner product :math:`\\langle p, q\\rangle` ``(num_frames,)`` of states
+    ``(N, D)`` and the broadcast of a per-frame number to the frame's atoms ``(N, 1)``, for
+    the Krylov solvers."""
+
+    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return scatter((p * q).sum(-1), batch, dim=0, dim_size=num_frames)
+
+    def per_atom(t: torch.Tensor) -> torch.Tensor:
+        return t[batch].unsqueeze(-1)
+
+    return dot, per_atom
+
+
+@torch.jit.unused
 def gmres(
     apply_operator: Callable[[torch.Tensor], torch.Tensor],
     b: torch.Tensor,
@@ -162,11 +177,7 @@ def gmres(
     Returns ``x``, the applications after which each frame reached ``tol`` (``max_iter`` if it
     did not) and each frame's final relative residual."""
 
-    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return scatter((p * q).sum(-1), batch, dim=0, dim_size=num_frames)
-
-    def per_atom(t: torch.Tensor) -> torch.Tensor:
-        return t[batch].unsqueeze(-1)
+    dot, per_atom = frame_products(batch, num_frames)
 
     r0 = b - apply_operator(x0) if bool((x0 != 0).any()) else b
     beta = dot(r0, r0).sqrt()
@@ -229,11 +240,7 @@ def conjugate_gradient(
     non-positive curvature (the operator is not positive definite there) stops that frame
     with a non-finite residual, which :func:`check_solution` reports."""
 
-    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return scatter((p * q).sum(-1), batch, dim=0, dim_size=num_frames)
-
-    def per_atom(t: torch.Tensor) -> torch.Tensor:
-        return t[batch].unsqueeze(-1)
+    dot, per_atom = frame_products(batch, num_frames)
 
     x = torch.zeros_like(b)
     r = b.clone()
