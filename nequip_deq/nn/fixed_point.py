@@ -493,8 +493,8 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         if eager:
             check_solution("forward solve", z_star, f_it, f_res, f_tol)
 
-        per_atom, z_out, v_star, b_it, b_res = self._energy_at_solution(
-            data, x_hat, weights, z_star, v0, batch, num_frames, b_stop, b_tol, floor, mode
+        per_atom, z_out, f_res, v_star, b_it, b_res = self._energy_at_solution(
+            data, x_hat, weights, z_star, f_res, v0, batch, num_frames, b_stop, b_tol, floor, mode
         )
 
         if eager and self.training and self.jacobian_penalty:
@@ -524,6 +524,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         x_hat: torch.Tensor,
         weights: List[torch.Tensor],
         z_star: torch.Tensor,
+        f_res: torch.Tensor,
         v0: torch.Tensor,
         batch: torch.Tensor,
         num_frames: int,
@@ -531,11 +532,11 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         b_tol: float,
         floor: float,
         mode: str,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-atom energies ``(N, 1)`` at the fixed point ``z_star``, with the graph whose
         gradient is the exact force (the Lagrangian of the module docstring, after the
-        adjoint solve from ``v0``), the state to return (``z_star``), and the adjoint's
-        solution, iterations and residuals."""
+        adjoint solve from ``v0``), the state and forward residuals to return (``z_star``,
+        ``f_res``), and the adjoint's solution, iterations and residuals."""
         eager = mode == "eager"
         v_star = torch.zeros_like(z_star)
         b_it = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
@@ -572,7 +573,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             for _ in range(max(self.train_unroll_steps, 1)):
                 z = self.f(z, data, x_hat, weights)
             per_atom = self.energy(z, data)
-        return per_atom, z_star, v_star, b_it, b_res
+        return per_atom, z_star, f_res, v_star, b_it, b_res
 
     def _start(self, data: AtomicDataDict.Type, key: str, x: torch.Tensor) -> torch.Tensor:
         """Starting point from ``data[key]`` when given with the right shape, else zeros."""

@@ -157,6 +157,9 @@ class VariationalDEQLayer(DEQEquiformerLayer):
             return frame_sum(per_atom), direction
 
         iters, res, active = solver_start(num_frames, z)
+        if not bool(torch.isfinite(torch.as_tensor(tol)).any()):
+            # no iteration asked for (a shadow step): the residual comes with the energy
+            return z, iters, res
         plain = torch.ones_like(active)  # still the damped fixed-point iteration
         step = torch.full((num_frames,), self.damping, dtype=z.dtype, device=z.device)
         value, direction = evaluate(z)
@@ -224,6 +227,7 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         x_hat: torch.Tensor,
         weights: List[torch.Tensor],
         z_star: torch.Tensor,
+        f_res: torch.Tensor,
         v0: torch.Tensor,
         batch: torch.Tensor,
         num_frames: int,
@@ -231,13 +235,14 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         b_tol: float,
         floor: float,
         mode: str,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:math:`\\Phi` per atom at the solver's last state :math:`z`, held constant (exact
         forces of :math:`\\Phi(z, x)`; with a converged solve, of :math:`E`); in training the
         minimiser carries its parameter dependence (Hessian solve). The state returned is one
         more step, :math:`f(z)`, from the same forward pass and one backward pass to
         :math:`z`: the solution itself within the tolerance, and what shadow dynamics needs
-        when :math:`z` is a given, unsolved state (``deq_tolerance`` above its residual)."""
+        when :math:`z` is a given, unsolved state (an infinite ``deq_tolerance``: then the solver
+        did not evaluate anything and the residual of :math:`z` is computed here)."""
         no_adjoint = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
         no_adjoint_state = torch.zeros_like(z_star)
         if self.training:
@@ -246,10 +251,11 @@ class VariationalDEQLayer(DEQEquiformerLayer):
                 self.grad_max_iter,
             )
             per_atom = _TotalEnergyGradientOnly.apply(self.potential(z, data, x_hat, weights), batch)
-            return per_atom, z_star, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
+            return per_atom, z_star, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
         z = z_star.detach().requires_grad_(True)
         per_atom = self.potential(z, data, x_hat, weights)
         gradient = torch.autograd.grad([per_atom.sum()], [z], retain_graph=True)[0]
         step = z_star.detach() - gradient.detach() / self.metric(data, z_star)
+        f_res = torch.where(torch.isfinite(f_res), f_res, frame_residual(step, z_star.detach(), batch, num_frames))
         per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
-        return per_atom, step, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
+        return per_atom, step, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
