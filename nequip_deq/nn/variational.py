@@ -40,8 +40,8 @@ parameter gradient of a force loss needs one symmetric positive-definite solve p
 (:func:`~nequip_deq.nn.training_gradients.attach_minimiser_gradient`).
 
 Eager only for now: the map :math:`f` is itself a gradient, which ``torch.while_loop`` cannot
-trace (AOTInductor) and TorchScript cannot script as written; such compiles are refused with
-that reason.
+trace (an AOTInductor compile stops at tracing with that reason) and TorchScript cannot script
+as written (the layer fails to script).
 """
 
 from typing import List, Tuple
