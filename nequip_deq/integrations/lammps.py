@@ -214,10 +214,10 @@ def pair_nequip_inputs(
     }
 
 
-def lammps_virial(virial: torch.Tensor) -> np.ndarray:
-    """The pair style's six virial components ``(xx, yy, zz, xy, xz, yz)`` from the model's
-    ``virial`` ``(1, 3, 3)``."""
-    v = virial.detach().reshape(3, 3).double().numpy()
+def lammps_virial(virial) -> np.ndarray:
+    """LAMMPS' six virial components ``(xx, yy, zz, xy, xz, yz)`` (the pair style's, and
+    ``fix external``'s) from a 3x3 virial: the model's ``virial`` ``(1, 3, 3)`` or an array."""
+    v = torch.as_tensor(virial).detach().reshape(3, 3).double().numpy()
     return np.array([v[0, 0], v[1, 1], v[2, 2], v[0, 1], v[0, 2], v[1, 2]])
 
 

@@ -50,6 +50,7 @@ from ase.data import atomic_masses, atomic_numbers
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from .ase import load_calculator, model_type_names
+from .lammps import lammps_virial
 from ..nn.extrapolation import DEFAULT_SCHEME
 
 FIX_ID = "nequip"
@@ -263,9 +264,7 @@ class ExternalForceField:
         f[order] = forces
         virial = -stress * atoms.get_volume()
         self.lmp.fix_external_set_energy_global(self.fix_id, float(energy))
-        self.lmp.fix_external_set_virial_global(
-            self.fix_id, [virial[0, 0], virial[1, 1], virial[2, 2], virial[0, 1], virial[0, 2], virial[1, 2]]
-        )
+        self.lmp.fix_external_set_virial_global(self.fix_id, lammps_virial(virial).tolist())
         if not fresh:
             return
         record = {"step": int(step), "energy": float(energy), "ms": 1000 * (time.perf_counter() - start)}

@@ -12,9 +12,10 @@ state :math:`z` are
 
 :math:`\\hat R` the energy readout (output block and MLP), :math:`s_i, b_i` the per-type
 scale and shift of atom :math:`i` and :math:`\\kappa` the stiffness of the latent state
-(``stiffness``): the readout's curvature in :math:`z` must stay below it for :math:`\\Phi` to be
-convex (at initialisation the readout's Hessian has eigenvalues of a few units). The model's latent state is the minimiser of
-:math:`\\Phi(z, x) = \\sum_i E_i`, the fixed point of the preconditioned gradient step
+(``stiffness``): the readout's curvature in :math:`z` must stay below it for :math:`\\Phi` to
+be convex (at initialisation the readout's Hessian has eigenvalues of a few units). The
+model's latent state is the minimiser of :math:`\\Phi(z, x) = \\sum_i E_i`, the fixed point of
+the preconditioned gradient step
 
 .. math::
     f(z) = z - (\\kappa S)^{-1}\\nabla_z\\Phi(z, x)
@@ -28,8 +29,9 @@ tolerance, with **no adjoint solve** (the energy error is second order in the re
 The Jacobian of :math:`f` is :math:`I - (\\kappa S)^{-1} H`, :math:`H = \\nabla_z^2\\Phi`
 symmetric, so its eigenvalues are real (:math:`S^{-1}H` is similar to
 :math:`S^{-1/2} H S^{-1/2}`); the iteration converges when
-:math:`0 < \\beta\\,\\mathrm{eig}((\\kappa S)^{-1}H) < 2` (damping :math:`\\beta`), and :math:`z^*` is a strict minimum when :math:`H` is positive definite. The
-norm :math:`\\langle z_i, z_i\\rangle` of e3nn irreps (orthonormal real spherical-harmonic
+:math:`0 < \\beta\\,\\mathrm{eig}((\\kappa S)^{-1}H) < 2` (damping :math:`\\beta`), and
+:math:`z^*` is a strict minimum when :math:`H` is positive definite. The norm
+:math:`\\langle z_i, z_i\\rangle` of e3nn irreps (orthonormal real spherical-harmonic
 components) is rotation invariant, so :math:`\\Phi` is invariant and :math:`f` equivariant.
 
 One application of :math:`f` is a forward and a backward pass of the block and readout (about
@@ -49,10 +51,10 @@ from typing import List, Tuple
 import torch
 
 from nequip.data import AtomicDataDict
-from nequip.nn import PerTypeScaleShift, scatter
+from nequip.nn import PerTypeScaleShift
 
 from .fixed_point import DEQEquiformerLayer, _call_mode, _TotalEnergyGradientOnly
-from .solvers import frame_residual, solver_start
+from .solvers import frame_products, frame_residual, solver_start
 from .training_gradients import attach_minimiser_gradient
 
 __all__ = ["VariationalDEQLayer"]
@@ -148,13 +150,11 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         the last five accepted steps and the residual is undone and halved. Stops at the same
         per-frame residual as the other solvers; every evaluation counts as an iteration."""
         metric = self.metric(data, z)
-
-        def frame_sum(t: torch.Tensor) -> torch.Tensor:
-            return scatter(t.sum(-1), batch, dim=0, dim_size=num_frames)
+        dot, per_atom = frame_products(batch, num_frames)
 
         def evaluate(state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            per_atom, direction = self.descent(state, data, x_hat, weights, metric)
-            return frame_sum(per_atom), direction
+            energies, direction = self.descent(state, data, x_hat, weights, metric)
+            return dot(energies, torch.ones_like(energies)), direction
 
         iters, res, active = solver_start(num_frames, z)
         if not bool(torch.isfinite(torch.as_tensor(tol)).any()):
@@ -170,20 +170,20 @@ class VariationalDEQLayer(DEQEquiformerLayer):
             active = active & ~(r <= tol)
             if not bool(active.any()):
                 break
-            move = (step * active)[batch].unsqueeze(-1) * direction
+            move = per_atom(step * active) * direction
             trial = z + move
             value_t, direction_t = evaluate(trial)
             r_t = frame_residual(trial + direction_t, trial, batch, num_frames)
-            decrease = 1e-4 * step * frame_sum(direction * metric * direction)
-            descent = (value_t <= recent.max(-1).values - decrease) | (r_t < r)
+            decrease = 1e-4 * step * dot(direction * metric, direction)
+            improved = (value_t <= recent.max(-1).values - decrease) | (r_t < r)
             blow_up = ~(r_t <= 2 * best)
-            accept = active & torch.where(plain, ~blow_up, descent)
+            accept = active & torch.where(plain, ~blow_up, improved)
             switch = active & plain & blow_up
-            curvature = frame_sum(move * metric * (direction - direction_t))
-            bb = frame_sum(move * metric * move) / curvature.clamp_min(1e-300)
+            curvature = dot(move * metric, direction - direction_t)
+            bb = dot(move * metric, move) / curvature.clamp_min(1e-300)
             bb = torch.where(curvature > 0, bb, torch.full_like(bb, self.damping))
             iters = iters + active.long()
-            keep = accept[batch].unsqueeze(-1)
+            keep = per_atom(accept)
             z = torch.where(keep, trial, z)
             direction = torch.where(keep, direction_t, direction)
             recent = torch.where(accept.unsqueeze(-1), torch.cat([recent[:, 1:], value_t.unsqueeze(-1)], -1), recent)
