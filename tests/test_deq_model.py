@@ -80,7 +80,7 @@ class TestVariationalDEQ(TestDEQEquiformer):
     """The same for the variational DEQ (``fixed_point: variational``: the state minimises the
     energy, no adjoint; nn/variational.py), which has no Jacobian penalty. The stiffness is
     raised so that the damped iteration converges on the harness' 4-atom copper cell, whose
-    nearly symmetric environments give the readout a Hessian with eigenvalues near +86 and -68
+    nearly symmetric environments give the readout a Hessian with eigenvalues near +88 and -69
     (layer norms of vanishing l > 0 features; docs/deq.md); with the default the solver switches to adaptive
     steps there, whose iteration counts depend on round-off, and the harness compares
     iteration counts exactly (tests/test_variational_deq.py covers that path)."""
