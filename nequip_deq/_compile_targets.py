@@ -38,28 +38,34 @@ STATE_CACHE_METADATA_KEY = "deq_state_cache_atoms"
 STATE_CACHE_EXTRAPOLATION_METADATA_KEY = "deq_state_cache_extrapolation"
 # the solver settings of a DEQ model (effective tolerances for its dtype), read back by
 # DEQCalculator, nequip-deq-md and nequip-deq-lammps-check
+# a variational DEQ (nequip_deq.nn.variational) says so, and the damping of its solve by calls
+FIXED_POINT_METADATA_KEY = "deq_fixed_point"
+DAMPING_METADATA_KEY = "deq_damping"
 SOLVER_METADATA_KEYS = ("deq_f_tol", "deq_f_max_iter", "deq_b_tol", "deq_b_max_iter")
-_built = {"state_width": None, "state_cache": None}
+_built = {"state_width": None, "state_cache": None, "variational": False}
 
 
-def announce_model(state_width: int, state_cache: int) -> None:
+def announce_model(state_width: int, state_cache: int, variational: bool = False) -> None:
     """Called by a DEQ layer when nequip-compile reads the model's metadata (which it does
-    before tracing): the width ``X`` of the state and the state cache's capacity (0: none), so
-    that the targets can trace with states of the right shape and check for the cache. A
+    before tracing): the width ``X`` of the state, the state cache's capacity (0: none) and
+    whether the DEQ is variational, so that the targets can trace with states of the right
+    shape, check for the cache, and check a variational model as it runs compiled (with an
+    infinite ``deq_tolerance``: no iteration inside the model). A
     packaged model (``.nequip.zip``) carries its own copy of this package; its layers reach
     this module through ``sys.modules`` (see :func:`announce_to_compile_targets`)."""
     _built["state_width"] = int(state_width)
     _built["state_cache"] = int(state_cache) if state_cache > 0 else None
+    _built["variational"] = bool(variational)
 
 
-def announce_to_compile_targets(state_width: int, state_cache: int) -> None:
+def announce_to_compile_targets(state_width: int, state_cache: int, variational: bool = False) -> None:
     """:func:`announce_model` on the installed ``nequip_deq._compile_targets`` (the one whose
     targets nequip-compile uses), also from the copy of this code inside a packaged model."""
     import sys
 
     installed = sys.modules.get("nequip_deq._compile_targets")
     if installed is not None:
-        installed.announce_model(state_width, state_cache)
+        installed.announce_model(state_width, state_cache, variational)
 
 
 def _require_deq(target: str) -> int:
@@ -91,7 +97,10 @@ def _data_settings(data: AtomicDataDict.Type) -> AtomicDataDict.Type:
     # distinct tensors: export merges inputs that are the same object
     data[DEQ_STATE_KEY] = torch.zeros(num_atoms, width, dtype=dtype)
     data[DEQ_ADJOINT_STATE_KEY] = torch.zeros(num_atoms, width, dtype=dtype)
-    data[DEQ_TOLERANCE_KEY] = torch.full((1, 2), 1e-4, dtype=dtype)
+    # a variational model does not iterate compiled: nequip-compile's check of the eager model
+    # against the compiled one must not iterate either
+    tolerance = float("inf") if _built["variational"] else 1e-4
+    data[DEQ_TOLERANCE_KEY] = torch.full((1, 2), tolerance, dtype=dtype)
     return data
 
 

@@ -14,6 +14,8 @@ from nequip.integrations.ase import NequIPCalculator
 
 from .._compile_targets import (
     ASE_DEQ_TARGET,
+    DAMPING_METADATA_KEY,
+    FIXED_POINT_METADATA_KEY,
     STATE_WIDTH_METADATA_KEY,
     compiled_target,
     solver_limits,
@@ -22,6 +24,7 @@ from .._keys import (
     DEQ_ADJOINT_STATE_KEY,
     DEQ_STATE_KEY,
     DEQ_TOLERANCE_KEY,
+    SOLVER_ITERATIONS_KEY,
     SOLVER_RESIDUAL_KEY,
     SOLVER_STATISTICS,
 )
@@ -51,7 +54,8 @@ class DEQCalculator(NequIPCalculator):
     (default: the model's own, for a compiled model the one recorded at compile time). Looser
     is cheaper and conserves energy less well: docs/deq.md tabulates both against it.
 
-    ``shadow`` (variational DEQs, ``fixed_point: variational``, eager; with ``xlbomd``):
+    ``shadow`` (variational DEQs, ``fixed_point: variational``, eager or compiled; with
+    ``xlbomd``):
     zero-iteration extended-Lagrangian ("shadow") dynamics. Once the recurrence has its history
     (the first eight calls solve to tolerance), a call does not solve: it evaluates the energy
     at the auxiliary state :math:`p`, :math:`U(x; p) = \\Phi(p, x)`, whose forces are exactly
@@ -70,7 +74,8 @@ class DEQCalculator(NequIPCalculator):
     raise, so the calculator checks every call against the tolerances and caps recorded in the
     model's metadata (``solver_limits``): it raises :class:`FixedPointError` on non-finite
     energies, forces or residuals and warns, with the residual, the iterations and the call
-    number, when a solve ended above its tolerance.
+    number, when a solve ended above its tolerance. A compiled variational DEQ does not
+    iterate inside the model: the calculator solves it by calls (:meth:`_minimise_by_calls`).
     """
 
     implemented_properties = NequIPCalculator.implemented_properties + [
@@ -119,11 +124,19 @@ class DEQCalculator(NequIPCalculator):
             self._check_shadow()
         self.reset_state()
 
+    @property
+    def solves_by_calls(self) -> bool:
+        """A compiled variational DEQ: it does not iterate, the calculator does
+        (:meth:`_minimise_by_calls`)."""
+        return self.solver_limits is not None and self.solver_limits.get("fixed_point") == "variational"
+
     def _check_shadow(self) -> None:
-        variational = any(type(m).__name__ == "VariationalDEQLayer" for m in self.model.modules())
+        variational = self.solves_by_calls or any(
+            type(m).__name__ == "VariationalDEQLayer" for m in self.model.modules()
+        )
         if not variational or self.extrapolation != "xlbomd":
             raise ValueError(
-                "shadow dynamics needs an eager variational DEQ (`fixed_point: variational`: "
+                "shadow dynamics needs a variational DEQ (`fixed_point: variational`: "
                 "its energy is stationary in the state, so a state that is not solved gives a "
                 "shadow energy with exact forces) and `extrapolation='xlbomd'` (the recurrence "
                 f"that carries the state); got {'a variational' if variational else 'another'} "
@@ -157,6 +170,8 @@ class DEQCalculator(NequIPCalculator):
                 **solver_limits(metadata),
                 "model_dtype": metadata["model_dtype"],
                 "allow_tf32": metadata.get("allow_tf32", "0"),
+                "fixed_point": metadata.get(FIXED_POINT_METADATA_KEY, "lagrangian"),
+                "damping": float(metadata.get(DAMPING_METADATA_KEY, 1.0)),
             },
             **kwargs,
         )
@@ -196,9 +211,9 @@ class DEQCalculator(NequIPCalculator):
         unsolved = data.copy()
         if self._shadow_step:  # no solve: the energy at the given state
             data[DEQ_TOLERANCE_KEY] = torch.full((1, 2), float("inf"), dtype=dtype, device=self.device)
-        elif self.tolerances is not None:
-            data[DEQ_TOLERANCE_KEY] = torch.tensor([self.tolerances], dtype=dtype, device=self.device)
-        out = super().call_model(data)
+            out = super().call_model(data)
+        else:
+            out = self._solve(data)
         if self._shadow_step and not float(out[SOLVER_RESIDUAL_KEY].max()) <= self.shadow_bound:
             out = self._solve_instead(unsolved, float(out[SOLVER_RESIDUAL_KEY].max()))
         solution = (out[DEQ_STATE_KEY].detach(), out[DEQ_ADJOINT_STATE_KEY].detach())
@@ -217,10 +232,48 @@ class DEQCalculator(NequIPCalculator):
             )
             self._shadow_warned = True
         self._shadow_step = False
+        return self._solve(data)
+
+    def _solve(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        """The model's solve from ``data``'s state at the calculator's tolerance: one call, or
+        for a compiled variational DEQ :meth:`_minimise_by_calls`."""
         if self.tolerances is not None:
             dtype = data[AtomicDataDict.POSITIONS_KEY].dtype
             data[DEQ_TOLERANCE_KEY] = torch.tensor([self.tolerances], dtype=dtype, device=self.device)
+        if self.solves_by_calls:
+            return self._minimise_by_calls(data)
         return super().call_model(data)
+
+    def _minimise_by_calls(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        """Solve a compiled variational DEQ, which does not iterate: each call evaluates the
+        potential at the state :math:`p` it is given and returns the step :math:`f(p)` and the
+        residual of :math:`p`; the next call starts from the damped step
+        :math:`p + \\beta (f(p) - p)` (:math:`\\beta` the model's ``damping``) until the
+        residual is within the forward tolerance or the cap (``f_max_iter`` calls) is reached.
+        A call whose residual exceeds twice the lowest so far is undone and the damping halved
+        (a Hessian eigenvalue beyond the step's range). Returns the last accepted call's
+        outputs, ``deq_iterations`` = the number of calls."""
+        tol, cap = self.solver_limits["f_tol"], self.solver_limits["f_max_iter"]
+        damping = self.solver_limits["damping"]
+        best, best_out, calls = float("inf"), None, 0
+        p = data[DEQ_STATE_KEY]
+        while calls < cap:
+            out = super().call_model({**data, DEQ_STATE_KEY: p})
+            calls += 1
+            residual = float(out[SOLVER_RESIDUAL_KEY].max())
+            if not residual <= 2 * best:  # also non-finite
+                if best_out is None:
+                    break  # the start itself: nothing to go back to
+                damping *= 0.5
+                out, p = best_out, best_p
+            else:
+                best, best_out, best_p = residual, out, p
+                if residual <= tol:
+                    break
+            p = p + damping * (out[DEQ_STATE_KEY] - p)
+        out = dict(best_out if best_out is not None else out)
+        out[SOLVER_ITERATIONS_KEY] = torch.full_like(out[SOLVER_ITERATIONS_KEY], calls)
+        return out
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
         self.calls += 1
@@ -229,7 +282,9 @@ class DEQCalculator(NequIPCalculator):
         self.results["deq_warm"] = self._warm
         self.results["deq_shadow"] = self._shadow_step
         if self.solver_limits is not None:
-            check_solves(self.results, out, self.solver_limits, self.calls)
+            # a shadow step is not a solve: its residual is checked against shadow_bound
+            limits = {**self.solver_limits, "f_tol": float("inf")} if self._shadow_step else self.solver_limits
+            check_solves(self.results, out, limits, self.calls)
 
 
 def model_type_names(calculator) -> Optional[list]:
@@ -267,10 +322,10 @@ def load_calculator(
     from ..nn.fixed_point import DEQEquiformerLayer
     from ..nn.variational import VariationalDEQLayer
 
-    if shadow and model.endswith((".pt2", ".pth")):
+    if shadow and model.endswith(".pth"):
         raise ValueError(
-            f"{model}: shadow dynamics needs an eager variational DEQ (a checkpoint or package "
-            "of a `fixed_point: variational` model); compiled models solve every step."
+            f"{model}: shadow dynamics needs a variational DEQ as a checkpoint, a package or "
+            "compiled with `--mode aotinductor --target ase_deq`; TorchScript cannot run one."
         )
     if model.endswith(".pt2"):
         metadata = torch._inductor.aoti_load_package(model).get_metadata()
@@ -283,12 +338,14 @@ def load_calculator(
                 f"--target {wanted})."
             )
         if STATE_WIDTH_METADATA_KEY not in metadata:
+            if shadow:
+                raise ValueError(f"{model} is not a DEQ model: shadow dynamics needs a variational DEQ.")
             return NequIPCalculator.from_compiled_model(
                 model, device=device, chemical_species_to_atom_type_map=True
             )
         return DEQCalculator.from_compiled_model(
             model, device=device, chemical_species_to_atom_type_map=True, extrapolation=extrapolation,
-            tolerance=tolerance,
+            tolerance=tolerance, shadow=shadow,
         )
     if model.endswith(".pth"):
         return NequIPCalculator.from_compiled_model(

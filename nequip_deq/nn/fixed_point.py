@@ -233,6 +233,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             graph, in ``last_jacobian_penalty`` for a Jacobian-regularisation loss)
     """
 
+    variational = False  # whether the fixed point minimises the energy (nn.variational)
     # training-only outputs (eager), read by nequip_deq.train
     last_jacobian_penalty: Optional[torch.Tensor]
     last_backward_statistics: Optional[Dict[str, torch.Tensor]]
@@ -302,7 +303,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         # the state width lets a calculator give a compiled model a cold-start state; it and
         # the cache capacity tell the compile targets what they trace (read before tracing)
         width = self.injection.norm.irreps.dim
-        announce_to_compile_targets(width, self.state_cache.capacity)
+        announce_to_compile_targets(width, self.state_cache.capacity, self.variational)
         out = {STATE_WIDTH_METADATA_KEY: str(width)}
         floor = tolerance_floor(next(self.parameters()).dtype)
         settings = (max(self.f_tol, floor), self.f_max_iter, max(self.b_tol, floor), self.b_max_iter)

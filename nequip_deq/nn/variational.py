@@ -41,18 +41,23 @@ with the same passes that give the energy and forces there (what shadow dynamics
 parameter gradient of a force loss needs one symmetric positive-definite solve per step
 (:func:`~nequip_deq.nn.training_gradients.attach_minimiser_gradient`).
 
-Eager only for now: the map :math:`f` is itself a gradient, which ``torch.while_loop`` cannot
-trace (an AOTInductor compile stops at tracing with that reason) and TorchScript cannot script
-as written (the layer fails to script).
+Compiled (``nequip-compile --mode aotinductor --target ase_deq``), the model does not iterate:
+the map :math:`f` is itself a gradient, which ``torch.while_loop`` cannot trace. A compiled
+call evaluates :math:`\\Phi` at the state it is given, with its forces, and returns one step
+:math:`f(z)` and the residual; :class:`~nequip_deq.integrations.ase.DEQCalculator` solves by
+calling it again from the damped step (:func:`~nequip_deq.nn.solvers.damped_minimisation`) or,
+with shadow dynamics, takes the one call as the step. TorchScript cannot script the layer.
 """
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from nequip.data import AtomicDataDict
 from nequip.nn import PerTypeScaleShift
 
+from .. import _keys
+from .._compile_targets import DAMPING_METADATA_KEY, FIXED_POINT_METADATA_KEY
 from .fixed_point import DEQEquiformerLayer, _call_mode, _TotalEnergyGradientOnly
 from .solvers import frame_products, frame_residual, solver_start
 from .training_gradients import attach_minimiser_gradient
@@ -68,6 +73,8 @@ class VariationalDEQLayer(DEQEquiformerLayer):
     ``grad_tol``, cap ``grad_max_iter``). ``readout`` must contain a ``PerTypeScaleShift``:
     the quadratic term is added before it. ``stiffness``: :math:`\\kappa` of the module
     docstring."""
+
+    variational = True
 
     def __init__(self, *args, stiffness: float = 10.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -207,19 +214,49 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         return z + self.descent(z, data, x_hat, weights, self.metric(data, z))[1]
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        if torch.jit.is_scripting() or _call_mode() != "eager":
+        if torch.jit.is_scripting():
             raise RuntimeError(
-                "A variational DEQ (`fixed_point: variational`) runs eagerly only for now: its "
-                "fixed-point map is a gradient, which neither torch.while_loop (nequip-compile "
-                "--mode aotinductor) nor TorchScript can take. Use the checkpoint or a "
-                "nequip-package file (DEQCalculator, nequip-deq-md, nequip-deq-lammps-run)."
+                "A variational DEQ (`fixed_point: variational`) cannot run as TorchScript: "
+                "compile it with `nequip-compile --mode aotinductor --target ase_deq`."
             )
         if AtomicDataDict.NUM_LOCAL_GHOST_NODES_KEY in data:
             raise RuntimeError(
                 "A variational DEQ cannot run under LAMMPS ML-IAP yet (its potential would "
                 "count ghost atoms' latent states); use the Lagrangian DEQ there."
             )
+        if _call_mode() == "traced" and (
+            _keys.DEQ_STATE_KEY not in data or self.state_cache.capacity > 0
+        ):
+            raise RuntimeError(
+                "A compiled variational DEQ evaluates its potential at the state it is given and "
+                "leaves the solve to nequip_deq's DEQCalculator: compile it with `--target "
+                "ase_deq` and without `--modifiers enable_DEQStateCache` (LAMMPS: "
+                "nequip-deq-lammps-run, which uses DEQCalculator)."
+            )
         return super().forward(data)
+
+    def _iterate_traced(
+        self,
+        data: AtomicDataDict.Type,
+        x_hat: torch.Tensor,
+        weights: List[torch.Tensor],
+        z0: torch.Tensor,
+        batch: torch.Tensor,
+        num_frames: int,
+        tol: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compiled: no iteration (module docstring); the residual of ``z0`` is computed with
+        the energy (:meth:`_energy_at_solution`)."""
+        iters, res, _ = solver_start(num_frames, z0)
+        return z0, iters, res
+
+    @torch.jit.unused
+    def _get_metadata_contributions(self) -> Dict[str, str]:
+        # tells DEQCalculator to solve a compiled model by repeated calls, with this damping
+        out = super()._get_metadata_contributions()
+        out[FIXED_POINT_METADATA_KEY] = "variational"
+        out[DAMPING_METADATA_KEY] = str(self.damping)
+        return out
 
     def _energy_at_solution(
         self,
@@ -257,5 +294,6 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         gradient = torch.autograd.grad([per_atom.sum()], [z], retain_graph=True)[0]
         step = z_star.detach() - gradient.detach() / self.metric(data, z_star)
         f_res = torch.where(torch.isfinite(f_res), f_res, frame_residual(step, z_star.detach(), batch, num_frames))
-        per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
+        if mode == "eager":
+            per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
         return per_atom, step, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
