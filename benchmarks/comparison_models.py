@@ -2,13 +2,13 @@
 (made once, reused by later runs; compiling takes minutes and says so).
 
 - ``deq``: the trained DEQ checkpoint given on the command line;
-- ``explicit6``: EquiformerModel with 6 blocks of the DEQ's width (its ``irreps_node_features``
-  and every other architecture setting), and ``nequip``: nequip's NequIPGNNModel with the same
+- ``explicit6`` (any ``explicit<N>``): EquiformerModel with 6 (N) blocks of the DEQ's width
+  (its ``irreps_node_features`` and every other architecture setting), and ``nequip``: nequip's NequIPGNNModel with the same
   irreps (4 layers, ``l_max`` 2, ``parity: false``, ``num_features`` per degree). Both are
   trained for one epoch on 10 frames: their *cost* per call is what the speed benchmarks use
   (it does not depend on the weights); the drift benchmark uses trained models instead.
 
-Used by ``md_speed.py``, ``size_scaling.py`` and ``nve_drift.py``.
+Used by ``md_speed.py``, ``shadow_speed.py``, ``size_scaling.py`` and ``nve_drift.py``.
 """
 
 import os
@@ -29,17 +29,17 @@ def model_config(checkpoint: Path) -> dict:
 
 
 def _timing_config(deq_checkpoint: Path, kind: str) -> dict:
-    """The quickstart config with the model ``kind`` (``explicit6`` / ``nequip``) at the DEQ's
-    width, one epoch on 10 frames."""
+    """The quickstart config with the model ``kind`` (``explicit<N>``: N blocks, or ``nequip``)
+    at the DEQ's width, one epoch on 10 frames."""
     deq = model_config(deq_checkpoint)
     cfg = yaml.safe_load(open(REPO / "configs" / "quickstart.yaml"))
     cfg["data"].update(train=10, val=5)
     cfg["trainer"].update(max_epochs=1)
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "ModelCheckpoint" in c["_target_"]]
     model = cfg["training_module"]["model"]
-    if kind == "explicit6":
+    if kind.startswith("explicit"):
         shared = {k: v for k, v in deq.items() if k in model and k != "_target_"}
-        model.update(shared, num_layers=6)
+        model.update(shared, num_layers=int(kind[len("explicit"):]))
     else:
         irreps = Irreps(deq["irreps_node_features"])
         keep = ("seed", "model_dtype", "type_names", "r_max", "avg_num_neighbors",
@@ -54,7 +54,7 @@ def _timing_config(deq_checkpoint: Path, kind: str) -> dict:
 
 
 def checkpoint(kind: str, work: Path, deq_checkpoint: Path) -> Path:
-    """``work/<kind>/best.ckpt`` for ``explicit6`` / ``nequip`` (trained once, then reused)."""
+    """``work/<kind>/best.ckpt`` for ``explicit<N>`` / ``nequip`` (trained once, then reused)."""
     run = (work / kind).resolve()
     ckpt = run / "best.ckpt"
     if ckpt.exists():

@@ -1,104 +1,105 @@
-"""Time per MD step of a variational DEQ with shadow dynamics against the same DEQ solving
-every step, the Lagrangian DEQ, and explicit models of 1, 2, 3 and 6 blocks of the DEQ's
-width, side by side in one run, all **eager** (variational models do not compile yet).
+"""Time per MD step of compiled models, side by side in one run: a variational DEQ with shadow
+dynamics, the same DEQ solving every step, the Lagrangian DEQ, and explicit models of 1, 2, 3
+and 6 blocks of the DEQ's width and block type.
 
     python benchmarks/shadow_speed.py --variational outputs/var/train/best.ckpt \\
-        --lagrangian outputs/bench/deq_quickstart/best.ckpt [--steps 100] [--tolerance 1e-3]
+        --lagrangian outputs/bench/deq_quickstart/best.ckpt [--work outputs/shadow_speed] \\
+        [--steps 200] [--box-grid 3] [--box-steps 40] [--tolerance 1e-3]
 
-Each model runs NVE velocity Verlet of rMD17 aspirin (21 atoms) at 0.5 fs from 300 K through
-ASE; ms/step is the wall time of ``--steps`` steps after a warm-up of 10 (the extended
-Lagrangian's history: shadow steps start after 8 solved ones). DEQs start every solve from the
-``xlbomd`` recurrence at ``--tolerance``. The explicit models are EquiformerModel with the
-variational checkpoint's architecture arguments and random weights (the cost of a call does
-not depend on the weights). Threads: ``--threads`` (default 2).
+Every model is compiled with ``nequip-compile --mode aotinductor`` (float32, CPU; DEQs for
+``--target ase_deq``, explicit models for ``ase``) into ``--work`` once and reused; the
+explicit models are EquiformerModel with the variational checkpoint's architecture, trained for
+one short epoch (the cost of a call does not depend on the weights; see
+``comparison_models.py``). Systems: rMD17 aspirin (21 atoms) and a periodic box of
+``box-grid``³ aspirin molecules (567 atoms at the default 3).
+
+Shadow dynamics carries a state from step to step, so its time is that of its own NVE run
+(velocity Verlet, 0.5 fs, 300 K; the first eight calls solve, for the recurrence's history);
+every other model is timed on the frames of that run, the DEQs with their own warm starts
+(``xlbomd`` at ``--tolerance``). ms per step = one energy + forces call through ASE (median
+after the first ``9`` calls). Threads: as torch sets them (``OMP_NUM_THREADS``).
+
+The floor in block-equivalents: a shadow step is one forward and two backward passes of the
+block and readout (the potential, its gradient in the state, its gradient in the positions)
+against one forward and one backward for the one-block explicit model; the table gives each
+model's time over the one-block model's.
 """
 
 import argparse
 import sys
-import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
-from ase import units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
-from ase.md.verlet import VelocityVerlet
 
-from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
 from nequip.integrations.ase import NequIPCalculator
-from nequip.utils.global_state import set_global_state
 
-from nequip_deq.integrations.ase import load_calculator
-from nequip_deq.model import EquiformerModel
-from nequip_deq.scripts.md import give_molecule_a_cell, load_structure
+from nequip_deq.integrations.ase import DEQCalculator
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from comparison_models import model_config  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import comparison_models  # noqa: E402
+from md_speed import replay, ase_caller, systems, trajectory  # noqa: E402
 
-# the DEQ builder's own arguments: everything else is the shared architecture
-DEQ_ARGS = {
-    "_target_", "fixed_point", "stiffness", "num_deq_layers", "injection", "branch_scale",
-    "norm_eps", "damping", "solver", "f_tol", "f_max_iter", "b_tol", "b_max_iter", "gradient",
-    "train_gradient", "train_unroll_steps", "grad_tol", "grad_max_iter", "jacobian_penalty",
-}
-
-
-def explicit_calculator(config: dict, blocks: int) -> NequIPCalculator:
-    """An eager EquiformerModel with ``blocks`` blocks and the DEQ's architecture arguments."""
-    kwargs = {k: v for k, v in config.items() if k not in DEQ_ARGS}
-    set_global_state()
-    model = EquiformerModel(**kwargs, num_layers=blocks).eval()
-    types = config["type_names"]
-    transforms = [
-        ChemicalSpeciesToAtomTypeMapper(model_type_names=types, chemical_species_to_atom_type_map={t: t for t in types}),
-        NeighborListTransform(r_max=config["r_max"]),
-    ]
-    return NequIPCalculator(model, device="cpu", transforms=transforms)
-
-
-def ms_per_step(calc, steps: int) -> tuple:
-    """ms per MD step after 10 warm-up steps, and the mean solver iterations per step."""
-    atoms = load_structure("rmd17_aspirin_test_01_first200.npz")
-    give_molecule_a_cell(atoms)
-    atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    Stationary(atoms)
-    ZeroRotation(atoms)
-    dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
-    dyn.run(10)
-    iterations = []
-    dyn.attach(lambda: iterations.append(calc.results.get("deq_iterations", 0)), interval=1)
-    start = time.perf_counter()
-    dyn.run(steps)
-    return 1000 * (time.perf_counter() - start) / steps, float(np.mean(iterations))
+SKIP = 9  # the shadow run's solved calls (and the cold first one) are not timed
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variational", required=True, help="checkpoint of a fixed_point: variational DEQ")
-    parser.add_argument("--lagrangian", default=None, help="checkpoint of a Lagrangian DEQ (optional)")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--tolerance", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variational", type=Path, required=True, help="checkpoint of a fixed_point: variational DEQ")
+    parser.add_argument("--lagrangian", type=Path, default=None, help="checkpoint of a Lagrangian DEQ (optional)")
+    parser.add_argument("--work", type=Path, default=Path("outputs/shadow_speed"), help="compiled models are made/reused here")
+    parser.add_argument("--steps", type=int, default=200, help="MD steps on aspirin")
+    parser.add_argument("--box-grid", type=int, default=3, help="molecules per box edge (3: 567 atoms)")
+    parser.add_argument("--box-steps", type=int, default=40, help="MD steps on the box")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="DEQ solver tolerance")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
 
-    config = model_config(args.variational)
-    rows = [(f"explicit, {n} block{'s' if n > 1 else ''}", explicit_calculator(config, n)) for n in (1, 2, 3, 6)]
-    rows.append(("variational DEQ, solved (xlbomd)", load_calculator(args.variational, "cpu", tolerance=args.tolerance)))
-    rows.append(("variational DEQ, shadow", load_calculator(args.variational, "cpu", tolerance=args.tolerance, shadow=True)))
-    if args.lagrangian:
-        rows.append(("Lagrangian DEQ (xlbomd)", load_calculator(args.lagrangian, "cpu", tolerance=args.tolerance)))
-    results = []
-    for name, calc in rows:
-        ms, its = ms_per_step(calc, args.steps)
-        results.append((name, ms, its))
-        print(f"measured {name}: {ms:.1f} ms/step", flush=True)
-    one, six = results[0][1], results[3][1]
-    print(f"\naspirin, eager, {args.threads} threads, {args.steps} NVE steps after 10, tolerance {args.tolerance:g}\n")
-    print("| model | ms/step | / explicit 1 block | / explicit 6 blocks | solver iterations / step |")
-    print("|---|---|---|---|---|")
-    for name, ms, its in results:
-        print(f"| {name} | {ms:.1f} | {ms / one:.2f} | {ms / six:.2f} | {its:.1f} |")
+    cm, work = comparison_models, args.work
+    models = {
+        f"explicit, {n} block{'s' if n > 1 else ''}": cm.compiled(
+            cm.checkpoint(f"explicit{n}", work, args.variational), work / f"explicit{n}.nequip.pt2", "ase"
+        )
+        for n in (1, 2, 3, 6)
+    }
+    variational = cm.compiled(args.variational, work / "variational.nequip.pt2", "ase_deq")
+    lagrangian = args.lagrangian and cm.compiled(args.lagrangian, work / "lagrangian.nequip.pt2", "ase_deq")
+    options = dict(device="cpu", chemical_species_to_atom_type_map=True)
+    deq = dict(options, tolerance=args.tolerance)
+
+    report = []
+    for name, atoms in systems(args.box_grid).items():
+        steps = args.steps if name == "aspirin" else args.box_steps
+        if not atoms.pbc.any():
+            atoms.pbc = False
+        print(f"== {name} ({len(atoms)} atoms): {steps} NVE steps with shadow dynamics", flush=True)
+        shadow = DEQCalculator.from_compiled_model(variational, shadow=True, **deq)
+        frames, seconds, shadow_its = trajectory(shadow, atoms, steps)
+        rows = {"variational DEQ, shadow": seconds[SKIP:]}
+        iterations = {"variational DEQ, shadow": shadow_its[SKIP:]}  # 0 unless the guard solved
+        print("   replaying the frames with the other models", flush=True)
+        callers = {"variational DEQ, solved (xlbomd)": DEQCalculator.from_compiled_model(variational, **deq)}
+        if lagrangian:
+            callers["Lagrangian DEQ (xlbomd)"] = DEQCalculator.from_compiled_model(lagrangian, **deq)
+        callers.update({label: NequIPCalculator.from_compiled_model(path, **options) for label, path in models.items()})
+        for label, calc in callers.items():
+            secs, its = replay(ase_caller(calc), frames)
+            rows[label], iterations[label] = secs[SKIP:], its[SKIP:]
+        report.append((name, len(atoms), rows, iterations))
+
+    print(f"\ncompiled (AOTInductor, float32, CPU), {torch.get_num_threads()} threads; DEQ tolerance "
+          f"{args.tolerance:g}; ms per energy + forces call through ASE (median)")
+    for name, n, rows, iterations in report:
+        one, three, six = (np.median(rows[f"explicit, {k}"]) for k in ("1 block", "3 blocks", "6 blocks"))
+        print(f"\n{name}, {n} atoms\n")
+        print("| model | ms / step | / 1 block | / 3 blocks | / 6 blocks | iterations / step |")
+        print("|---|---|---|---|---|---|")
+        for label, secs in rows.items():
+            ms = np.median(secs)
+            its = f"{np.mean(iterations[label]):.1f}" if "DEQ" in label else "—"
+            print(f"| {label} | {1e3 * ms:.1f} | {ms / one:.2f} | {ms / three:.2f} | {ms / six:.2f} | {its} |")
     return 0
 
 

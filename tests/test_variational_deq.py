@@ -270,7 +270,7 @@ def test_shadow_guard_solves_instead_and_says_so():
             calc.get_forces(frame.copy())
             assert not calc.results["deq_shadow"] and calc.results["deq_iterations"] > 0
     assert sum("shadow step" in str(w.message) for w in caught) == 1
-    with pytest.raises(ValueError, match="shadow dynamics needs an eager variational DEQ"):
+    with pytest.raises(ValueError, match="shadow dynamics needs a variational DEQ"):
         DEQCalculator(build("float64"), device="cpu", transforms=transforms, shadow=True)
     with pytest.raises(ValueError, match="extrapolation 'quadratic'"):
         DEQCalculator(model, device="cpu", transforms=transforms, shadow=True, extrapolation="quadratic")
@@ -279,7 +279,8 @@ def test_shadow_guard_solves_instead_and_says_so():
 def test_what_it_does_not_support_is_refused(monkeypatch):
     """The phantom gradient, the unrolled training gradient and the Jacobian penalty are
     refused at build time, an unknown fixed-point kind lists the known ones, and a compile
-    (traced) call says that the variational DEQ runs eagerly only."""
+    (traced) call without a state (any target but ``ase_deq``) or with the LAMMPS state cache
+    names the target to use."""
     for override in ({"gradient": "phantom"}, {"train_gradient": "unroll"}, {"jacobian_penalty": True}):
         name = next(iter(override))
         with pytest.raises(InvalidModelConfig, match=f"`fixed_point: variational` with `{name}="):
@@ -288,5 +289,5 @@ def test_what_it_does_not_support_is_refused(monkeypatch):
         build("float64", fixed_point="minimum")
     model = vbuild()
     monkeypatch.setattr(variational, "_call_mode", lambda: "traced")
-    with pytest.raises(RuntimeError, match="runs eagerly only"):
+    with pytest.raises(RuntimeError, match="compile it with `--target ase_deq` and without"):
         model(dict(graph(rattled("CH3CHO", 0))))

@@ -252,7 +252,8 @@ class DEQCalculator(NequIPCalculator):
         residual is within the forward tolerance or the cap (``f_max_iter`` calls) is reached.
         A call whose residual exceeds twice the lowest so far is undone and the damping halved
         (a Hessian eigenvalue beyond the step's range). Returns the last accepted call's
-        outputs, ``deq_iterations`` = the number of calls."""
+        outputs, with ``deq_iterations`` the number of calls before it (0: the start was
+        within tolerance), as the eager model counts its evaluations beyond the last."""
         tol, cap = self.solver_limits["f_tol"], self.solver_limits["f_max_iter"]
         damping = self.solver_limits["damping"]
         best, best_out, calls = float("inf"), None, 0
@@ -272,7 +273,7 @@ class DEQCalculator(NequIPCalculator):
                     break
             p = p + damping * (out[DEQ_STATE_KEY] - p)
         out = dict(best_out if best_out is not None else out)
-        out[SOLVER_ITERATIONS_KEY] = torch.full_like(out[SOLVER_ITERATIONS_KEY], calls)
+        out[SOLVER_ITERATIONS_KEY] = torch.full_like(out[SOLVER_ITERATIONS_KEY], calls - 1)
         return out
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
