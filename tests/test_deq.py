@@ -389,6 +389,27 @@ def test_extended_lagrangian_start():
     assert quadratic.auxiliary == [] and torch.allclose(quadratic.start()[0], torch.ones(3))
 
 
+def test_extended_lagrangian_recurrence_is_time_reversible_without_damping():
+    """The auxiliary state's Verlet step without its dissipative term, run backwards from its
+    newest states with the same solutions in reverse order, retraces its states to round-off;
+    with the dissipation of Niklasson et al. it does not (which is the dissipation's purpose)."""
+    from nequip_deq.nn.extrapolation import XLBOMD_ORDER as K, xlbomd_coefficients, xlbomd_start
+
+    kappa, damping = xlbomd_coefficients()
+    rng = np.random.default_rng(0)
+    for weights, reversible in (([0.0] * (K + 1), True), (damping, False)):
+        states = [torch.as_tensor(rng.normal(size=(4, 5))) for _ in range(K + 1)]  # oldest first
+        solutions = {}
+        for n in range(K, K + 50):  # p_{n+1} from p_n, p_{n-1}, ... and z*_n
+            solutions[n] = torch.as_tensor(rng.normal(size=(4, 5)))
+            states.append(xlbomd_start(torch.stack(states[::-1][: K + 1]), solutions[n], kappa, weights))
+        back = states[::-1][: K + 1]  # time reversed: p_m, ..., p_{m-K}, the newest last
+        for n in range(len(states) - 1 - K, K, -1):  # p_{n-1} from p_n, p_{n+1}, ... and z*_n
+            back.append(xlbomd_start(torch.stack(back[::-1][: K + 1]), solutions[n], kappa, weights))
+        error = float((back[-1] - states[K]).abs().max())
+        assert (error < 1e-9) == reversible, (reversible, error)
+
+
 def test_tf32_raises_the_float32_tolerance_floor():
     """With TF32 matrix products (nequip-compile --tf32, nequip's TF32 scheduler) a float32
     solve cannot reach 1e-4 reliably: the tolerance is floored at 1e-3, in the solves and in
