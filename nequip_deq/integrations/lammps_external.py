@@ -273,6 +273,7 @@ class ExternalForceField:
                 record[key] = float(calc.results[key])
                 self.lmp.fix_external_set_vector(self.fix_id, index, record[key])
             record["deq_warm"] = bool(calc.results["deq_warm"])
+            record["deq_shadow"] = bool(calc.results["deq_shadow"])
         self.calls.append(record)
 
     def summary(self) -> str:
