@@ -37,7 +37,11 @@ components) is rotation invariant, so :math:`\\Phi` is invariant and :math:`f` e
 One application of :math:`f` is a forward and a backward pass of the block and readout (about
 three forward passes), against one forward pass for the Lagrangian layer's :math:`f`; in
 exchange there is no adjoint solve, and the residual :math:`\\nabla_z\\Phi` at any state comes
-with the same passes that give the energy and forces there (what shadow dynamics needs). The
+with the same passes that give the energy and forces there (what shadow dynamics needs): in
+evaluation one backward pass gives :math:`\\partial\\Phi/\\partial z`, the gradient in the
+positions and in the (strained) cell together, and the energy handed to nequip's force and
+stress output is :math:`\\Phi` plus a first-order term of value zero that carries those
+gradients (:func:`_first_order`), so a call costs one forward and one backward pass. The
 parameter gradient of a force loss needs one symmetric positive-definite solve per step
 (:func:`~nequip_deq.nn.training_gradients.attach_minimiser_gradient`).
 
@@ -49,7 +53,7 @@ calling it again from the damped step (:func:`~nequip_deq.nn.solvers.damped_mini
 with shadow dynamics, takes the one call as the step. TorchScript cannot script the layer.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -291,9 +295,45 @@ class VariationalDEQLayer(DEQEquiformerLayer):
             return per_atom, z_star, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
         z = z_star.detach().requires_grad_(True)
         per_atom = self.potential(z, data, x_hat, weights)
-        gradient = torch.autograd.grad([per_atom.sum()], [z], retain_graph=True)[0]
-        step = z_star.detach() - gradient.detach() / self.metric(data, z_star)
+        geometry = _geometry(data)
+        # one backward pass for the residual and the forces and stress (module docstring)
+        gradients = torch.autograd.grad([per_atom.sum()], [z] + geometry, allow_unused=True)
+        step = z_star.detach() - gradients[0].detach() / self.metric(data, z_star)
         f_res = torch.where(torch.isfinite(f_res), f_res, frame_residual(step, z_star.detach(), batch, num_frames))
+        per_atom = per_atom.detach() + _first_order(geometry, gradients[1:], batch, num_frames).to(per_atom.dtype)
         if mode == "eager":
             per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
         return per_atom, step, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
+
+
+def _geometry(data: AtomicDataDict.Type) -> List[torch.Tensor]:
+    """The positions ``(N, 3)`` and cell ``(F, 3, 3)`` of ``data`` that require a gradient
+    (nequip's force and stress outputs set them up, strained for the stress)."""
+    keys = (AtomicDataDict.POSITIONS_KEY, AtomicDataDict.CELL_KEY)
+    return [data[k] for k in keys if k in data and data[k].requires_grad]
+
+
+def _first_order(
+    geometry: List[torch.Tensor],
+    gradients: Tuple[Optional[torch.Tensor], ...],
+    batch: torch.Tensor,
+    num_frames: int,
+) -> torch.Tensor:
+    """Per-atom terms ``(N, 1)`` of value zero whose total has the gradient ``gradients`` with
+    respect to ``geometry`` (positions ``(N, 3)``, cell ``(F, 3, 3)``):
+    :math:`\\sum_i g_i \\cdot (x_i - \\bar x_i)` with :math:`\\bar x` the same values
+    detached, the cell's term shared equally by the atoms of its frame. Added to the detached
+    energies, it hands nequip's force and stress backward the gradients already computed, so
+    that pass costs almost nothing (evaluation only: no second derivatives)."""
+    terms = torch.zeros(batch.shape[0], 1, dtype=geometry[0].dtype if geometry else torch.float32, device=batch.device)
+    counts = torch.zeros(num_frames, dtype=terms.dtype, device=batch.device).index_add_(
+        0, batch, torch.ones_like(batch, dtype=terms.dtype)
+    )
+    for x, g in zip(geometry, gradients):
+        if g is None:
+            continue
+        change = (g.detach() * (x - x.detach())).reshape(x.shape[0], -1).sum(-1)
+        if x.dim() == 3:  # the cell, per frame: shared by its atoms
+            change = (change / counts.clamp_min(1))[batch]
+        terms = terms + change.unsqueeze(-1)
+    return terms
