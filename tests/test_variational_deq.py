@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
+from ase.calculators.fd import calculate_numerical_stress
 from scipy.spatial.transform import Rotation
 
 from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
@@ -206,6 +207,39 @@ def test_calculator_warm_starts_it():
         iterations.append(warm.results["deq_iterations"])
         assert warm.results["deq_adjoint_iterations"] == 0
     assert max(iterations[1:]) < 0.7 * iterations[0], iterations
+
+
+def periodic(name, seed, edge):
+    """``rattled(name, seed)`` in a periodic cubic cell of ``edge`` Å, sheared a little (edges
+    cross the boundary at r_max 3.5 Å)."""
+    atoms = rattled(name, seed)
+    atoms.set_cell(np.diag([edge] * 3) + 0.3 * np.triu(np.ones((3, 3)), 1))
+    atoms.pbc = True
+    return atoms
+
+
+def test_stress_is_the_strain_derivative_alone_and_batched():
+    """In evaluation one backward pass gives the residual and, through a first-order energy
+    term, the forces and stress: the stress equals central differences of the energy under
+    strain, and two periodic frames of different sizes in one batch give each frame's own
+    energy, forces and stress."""
+    from nequip.data import AtomicDataDict as D
+
+    model = vbuild()
+    transforms = [mapper(), NeighborListTransform(r_max=R_MAX)]
+    calc = DEQCalculator(model, device="cpu", transforms=transforms, warm_start=False)
+    frames = [periodic("CH3CH2OH", 2, 4.5), periodic("CH3CHO", 3, 4.0)]
+    singles = []
+    for atoms in frames:
+        atoms.calc = calc
+        stress = atoms.get_stress()
+        assert np.abs(stress).max() > 1e-3
+        np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-5), atol=1e-7, rtol=0)
+        singles.append(model(dict(graph(atoms))))
+    out = model(D.batched_from_list([graph(atoms) for atoms in frames]))
+    torch.testing.assert_close(out[D.TOTAL_ENERGY_KEY].detach(), torch.cat([o[D.TOTAL_ENERGY_KEY] for o in singles]).detach())
+    torch.testing.assert_close(out[D.FORCE_KEY].detach(), torch.cat([o[D.FORCE_KEY] for o in singles]).detach())
+    torch.testing.assert_close(out[D.STRESS_KEY].detach(), torch.cat([o[D.STRESS_KEY] for o in singles]).detach())
 
 
 def md_frames(atoms, steps):

@@ -58,7 +58,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from nequip.data import AtomicDataDict
-from nequip.nn import PerTypeScaleShift
+from nequip.nn import PerTypeScaleShift, scatter
 
 from .. import _keys
 from .._compile_targets import DAMPING_METADATA_KEY, FIXED_POINT_METADATA_KEY
@@ -325,15 +325,17 @@ def _first_order(
     detached, the cell's term shared equally by the atoms of its frame. Added to the detached
     energies, it hands nequip's force and stress backward the gradients already computed, so
     that pass costs almost nothing (evaluation only: no second derivatives)."""
-    terms = torch.zeros(batch.shape[0], 1, dtype=geometry[0].dtype if geometry else torch.float32, device=batch.device)
-    counts = torch.zeros(num_frames, dtype=terms.dtype, device=batch.device).index_add_(
-        0, batch, torch.ones_like(batch, dtype=terms.dtype)
-    )
+    num_atoms = batch.shape[0]
+    terms = torch.zeros(num_atoms, 1, dtype=geometry[0].dtype if geometry else torch.float32, device=batch.device)
     for x, g in zip(geometry, gradients):
         if g is None:
             continue
         change = (g.detach() * (x - x.detach())).reshape(x.shape[0], -1).sum(-1)
         if x.dim() == 3:  # the cell, per frame: shared by its atoms
-            change = (change / counts.clamp_min(1))[batch]
+            if num_frames == 1:  # (compiled models: a scatter here trips AOTInductor's codegen)
+                change = change.expand(num_atoms) / num_atoms
+            else:
+                counts = scatter(torch.ones_like(terms[:, 0]), batch, dim=0, dim_size=num_frames)
+                change = (change / counts.clamp_min(1.0))[batch]
         terms = terms + change.unsqueeze(-1)
     return terms
