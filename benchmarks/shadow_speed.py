@@ -4,7 +4,7 @@ and 6 blocks of the DEQ's width and block type.
 
     python benchmarks/shadow_speed.py --variational outputs/var/train/best.ckpt \\
         --lagrangian outputs/bench/deq_quickstart/best.ckpt [--work outputs/shadow_speed] \\
-        [--steps 200] [--box-grid 3] [--box-steps 40] [--tolerance 1e-3]
+        [--steps 200] [--box-grid 3] [--box-steps 40] [--tolerance 1e-3] [--sweeps 3]
 
 Every model is compiled with ``nequip-compile --mode aotinductor`` (float32, CPU; DEQs for
 ``--target ase_deq``, explicit models for ``ase``) into ``--work`` once and reused; the
@@ -13,11 +13,13 @@ one short epoch (the cost of a call does not depend on the weights; see
 ``comparison_models.py``). Systems: rMD17 aspirin (21 atoms) and a periodic box of
 ``box-grid``³ aspirin molecules (567 atoms at the default 3).
 
-Shadow dynamics carries a state from step to step, so its time is that of its own NVE run
-(velocity Verlet, 0.5 fs, 300 K; the first eight calls solve, for the recurrence's history);
-every other model is timed on the frames of that run, the DEQs with their own warm starts
-(``xlbomd`` at ``--tolerance``). ms per step = one energy + forces call through ASE (median
-after the first ``9`` calls). Threads: as torch sets them (``OMP_NUM_THREADS``).
+Shadow dynamics drives an NVE run (velocity Verlet, 0.5 fs, 300 K; its first eight calls
+solve, for the recurrence's history). Then each model, with a fresh calculator, replays those
+frames, one model after the other as in MD (a fresh shadow calculator makes the same calls:
+its state depends on the positions only), in ``--sweeps`` sweeps of alternating order so that
+the machine's slow phases do not fall on one model; the DEQs warm-start (``xlbomd`` at
+``--tolerance``). ms per step = one energy + forces call through ASE, the median over the
+sweeps of the calls after the first 9. Threads: as torch sets them (``OMP_NUM_THREADS``).
 
 The floor in block-equivalents: a shadow step is one forward and two backward passes of the
 block and readout (the potential, its gradient in the state, its gradient in the positions)
@@ -40,7 +42,7 @@ from nequip_deq.integrations.ase import DEQCalculator
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import comparison_models  # noqa: E402
-from md_speed import replay, ase_caller, systems, trajectory  # noqa: E402
+from md_speed import ase_caller, replay, systems, trajectory  # noqa: E402
 
 SKIP = 9  # the shadow run's solved calls (and the cold first one) are not timed
 
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--box-grid", type=int, default=3, help="molecules per box edge (3: 567 atoms)")
     parser.add_argument("--box-steps", type=int, default=40, help="MD steps on the box")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="DEQ solver tolerance")
+    parser.add_argument("--sweeps", type=int, default=3, help="times every model replays the frames")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
 
@@ -69,25 +72,29 @@ def main(argv=None) -> int:
     options = dict(device="cpu", chemical_species_to_atom_type_map=True)
     deq = dict(options, tolerance=args.tolerance)
 
+    makers = {"variational DEQ, shadow": lambda: DEQCalculator.from_compiled_model(variational, shadow=True, **deq),
+              "variational DEQ, solved (xlbomd)": lambda: DEQCalculator.from_compiled_model(variational, **deq)}
+    if lagrangian:
+        makers["Lagrangian DEQ (xlbomd)"] = lambda: DEQCalculator.from_compiled_model(lagrangian, **deq)
+    for label, path in models.items():
+        makers[label] = lambda path=path: NequIPCalculator.from_compiled_model(path, **options)
     report = []
     for name, atoms in systems(args.box_grid).items():
         steps = args.steps if name == "aspirin" else args.box_steps
         if not atoms.pbc.any():
             atoms.pbc = False
         print(f"== {name} ({len(atoms)} atoms): {steps} NVE steps with shadow dynamics", flush=True)
-        shadow = DEQCalculator.from_compiled_model(variational, shadow=True, **deq)
-        frames, seconds, shadow_its = trajectory(shadow, atoms, steps)
-        rows = {"variational DEQ, shadow": seconds[SKIP:]}
-        iterations = {"variational DEQ, shadow": shadow_its[SKIP:]}  # 0 unless the guard solved
-        print("   replaying the frames with the other models", flush=True)
-        callers = {"variational DEQ, solved (xlbomd)": DEQCalculator.from_compiled_model(variational, **deq)}
-        if lagrangian:
-            callers["Lagrangian DEQ (xlbomd)"] = DEQCalculator.from_compiled_model(lagrangian, **deq)
-        callers.update({label: NequIPCalculator.from_compiled_model(path, **options) for label, path in models.items()})
-        for label, calc in callers.items():
-            secs, its = replay(ase_caller(calc), frames)
-            rows[label], iterations[label] = secs[SKIP:], its[SKIP:]
-        report.append((name, len(atoms), rows, iterations))
+        frames = trajectory(makers["variational DEQ, shadow"](), atoms, steps)[0]
+        seconds = {label: [] for label in makers}
+        iterations = {}
+        for sweep in range(args.sweeps):
+            print(f"   sweep {sweep + 1} of {args.sweeps}: every model on the frames", flush=True)
+            order = list(makers) if sweep % 2 == 0 else list(makers)[::-1]
+            for label in order:  # a fresh calculator replays the same calls, shadow steps too
+                secs, its = replay(ase_caller(makers[label]()), frames)
+                seconds[label].extend(secs[SKIP:])
+                iterations[label] = its[SKIP:]
+        report.append((name, len(atoms), seconds, iterations))
 
     print(f"\ncompiled (AOTInductor, float32, CPU), {torch.get_num_threads()} threads; DEQ tolerance "
           f"{args.tolerance:g}; ms per energy + forces call through ASE (median)")
