@@ -318,8 +318,8 @@ def load_calculator(
     models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
     refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
     (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
-    every call (default: the model's); ``shadow``: shadow dynamics (eager variational DEQs,
-    see :class:`DEQCalculator`)."""
+    every call (default: the model's); ``shadow``: shadow dynamics (variational DEQs, eager or
+    compiled for ``ase_deq``; see :class:`DEQCalculator`)."""
     from ..nn.fixed_point import DEQEquiformerLayer
     from ..nn.variational import VariationalDEQLayer
 

@@ -116,8 +116,8 @@ def DEQEquiformerModel(
     Args:
         fixed_point (str): ``lagrangian`` (default: energy read out from the fixed point of the
             blocks, forces through an adjoint solve) or ``variational`` (the state minimises
-            the energy; no adjoint; eager only for now, and ``gradient``/``train_gradient``
-            ``implicit``, no ``jacobian_penalty``)
+            the energy; no adjoint; eager, or compiled for ``--target ase_deq`` only, and
+            ``gradient``/``train_gradient`` ``implicit``, no ``jacobian_penalty``)
         stiffness (float): variational only: :math:`\\kappa`, the weight of the latent
             state's norm in the energy (default 10); the readout's curvature in the state must
             stay below it for the minimum to be unique and the iteration to converge

@@ -49,7 +49,7 @@ Compiled (``nequip-compile --mode aotinductor --target ase_deq``), the model doe
 the map :math:`f` is itself a gradient, which ``torch.while_loop`` cannot trace. A compiled
 call evaluates :math:`\\Phi` at the state it is given, with its forces, and returns one step
 :math:`f(z)` and the residual; :class:`~nequip_deq.integrations.ase.DEQCalculator` solves by
-calling it again from the damped step (:func:`~nequip_deq.nn.solvers.damped_minimisation`) or,
+calling it again from the damped step (``DEQCalculator._minimise_by_calls``) or,
 with shadow dynamics, takes the one call as the step. TorchScript cannot script the layer.
 """
 
