@@ -36,11 +36,12 @@ PAIR_NEQUIP_DEQ_TARGET = "pair_nequip_deq"
 STATE_WIDTH_METADATA_KEY = "deq_state_width"
 STATE_CACHE_METADATA_KEY = "deq_state_cache_atoms"
 STATE_CACHE_EXTRAPOLATION_METADATA_KEY = "deq_state_cache_extrapolation"
-# the solver settings of a DEQ model (effective tolerances for its dtype), read back by
-# DEQCalculator, nequip-deq-md and nequip-deq-lammps-check
-# a variational DEQ (nequip_deq.nn.variational) says so, and the damping of its solve by calls
+# the DEQ's kind (``lagrangian`` / ``variational``) and damping: DEQCalculator solves a
+# compiled variational DEQ by calls, with that damping
 FIXED_POINT_METADATA_KEY = "deq_fixed_point"
 DAMPING_METADATA_KEY = "deq_damping"
+# the solver settings of a DEQ model (effective tolerances for its dtype), read back by
+# DEQCalculator, nequip-deq-md and nequip-deq-lammps-check
 SOLVER_METADATA_KEYS = ("deq_f_tol", "deq_f_max_iter", "deq_b_tol", "deq_b_max_iter")
 _built = {"state_width": None, "state_cache": None, "variational": False}
 

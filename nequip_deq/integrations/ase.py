@@ -256,8 +256,8 @@ class DEQCalculator(NequIPCalculator):
         within tolerance), as the eager model counts its evaluations beyond the last."""
         tol, cap = self.solver_limits["f_tol"], self.solver_limits["f_max_iter"]
         damping = self.solver_limits["damping"]
-        best, best_out, calls = float("inf"), None, 0
         p = data[DEQ_STATE_KEY]
+        best, best_out, best_p, calls = float("inf"), None, p, 0
         while calls < cap:
             out = super().call_model({**data, DEQ_STATE_KEY: p})
             calls += 1

@@ -38,6 +38,8 @@ from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
 
 from .. import _keys
 from .._compile_targets import (
+    DAMPING_METADATA_KEY,
+    FIXED_POINT_METADATA_KEY,
     SOLVER_METADATA_KEYS,
     STATE_CACHE_EXTRAPOLATION_METADATA_KEY,
     STATE_CACHE_METADATA_KEY,
@@ -304,7 +306,11 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         # the cache capacity tell the compile targets what they trace (read before tracing)
         width = self.injection.norm.irreps.dim
         announce_to_compile_targets(width, self.state_cache.capacity, self.variational)
-        out = {STATE_WIDTH_METADATA_KEY: str(width)}
+        out = {
+            STATE_WIDTH_METADATA_KEY: str(width),
+            FIXED_POINT_METADATA_KEY: "variational" if self.variational else "lagrangian",
+            DAMPING_METADATA_KEY: str(self.damping),
+        }
         floor = tolerance_floor(next(self.parameters()).dtype)
         settings = (max(self.f_tol, floor), self.f_max_iter, max(self.b_tol, floor), self.b_max_iter)
         out.update({k: str(v) for k, v in zip(SOLVER_METADATA_KEYS, settings)})

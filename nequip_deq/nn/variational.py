@@ -53,7 +53,7 @@ calling it again from the damped step (``DEQCalculator._minimise_by_calls``) or,
 with shadow dynamics, takes the one call as the step. TorchScript cannot script the layer.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -61,7 +61,6 @@ from nequip.data import AtomicDataDict
 from nequip.nn import PerTypeScaleShift, scatter
 
 from .. import _keys
-from .._compile_targets import DAMPING_METADATA_KEY, FIXED_POINT_METADATA_KEY
 from .fixed_point import DEQEquiformerLayer, _call_mode, _TotalEnergyGradientOnly
 from .solvers import frame_products, frame_residual, solver_start
 from .training_gradients import attach_minimiser_gradient
@@ -254,14 +253,6 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         iters, res, _ = solver_start(num_frames, z0)
         return z0, iters, res
 
-    @torch.jit.unused
-    def _get_metadata_contributions(self) -> Dict[str, str]:
-        # tells DEQCalculator to solve a compiled model by repeated calls, with this damping
-        out = super()._get_metadata_contributions()
-        out[FIXED_POINT_METADATA_KEY] = "variational"
-        out[DAMPING_METADATA_KEY] = str(self.damping)
-        return out
-
     def _energy_at_solution(
         self,
         data: AtomicDataDict.Type,
@@ -300,7 +291,7 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         gradients = torch.autograd.grad([per_atom.sum()], [z] + geometry, allow_unused=True)
         step = z_star.detach() - gradients[0].detach() / self.metric(data, z_star)
         f_res = torch.where(torch.isfinite(f_res), f_res, frame_residual(step, z_star.detach(), batch, num_frames))
-        per_atom = per_atom.detach() + _first_order(geometry, gradients[1:], batch, num_frames).to(per_atom.dtype)
+        per_atom = per_atom.detach() + _first_order(per_atom, geometry, gradients[1:], batch, num_frames)
         if mode == "eager":
             per_atom = _TotalEnergyGradientOnly.apply(per_atom, batch)
         return per_atom, step, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)
@@ -314,19 +305,20 @@ def _geometry(data: AtomicDataDict.Type) -> List[torch.Tensor]:
 
 
 def _first_order(
+    like: torch.Tensor,
     geometry: List[torch.Tensor],
     gradients: Tuple[Optional[torch.Tensor], ...],
     batch: torch.Tensor,
     num_frames: int,
 ) -> torch.Tensor:
-    """Per-atom terms ``(N, 1)`` of value zero whose total has the gradient ``gradients`` with
+    """Per-atom terms ``(N, 1)``, in the dtype of ``like``, of value zero whose total has the gradient ``gradients`` with
     respect to ``geometry`` (positions ``(N, 3)``, cell ``(F, 3, 3)``):
     :math:`\\sum_i g_i \\cdot (x_i - \\bar x_i)` with :math:`\\bar x` the same values
     detached, the cell's term shared equally by the atoms of its frame. Added to the detached
     energies, it hands nequip's force and stress backward the gradients already computed, so
     that pass costs almost nothing (evaluation only: no second derivatives)."""
     num_atoms = batch.shape[0]
-    terms = torch.zeros(num_atoms, 1, dtype=geometry[0].dtype if geometry else torch.float32, device=batch.device)
+    terms = torch.zeros_like(like)
     for x, g in zip(geometry, gradients):
         if g is None:
             continue
@@ -337,5 +329,5 @@ def _first_order(
             else:
                 counts = scatter(torch.ones_like(terms[:, 0]), batch, dim=0, dim_size=num_frames)
                 change = (change / counts.clamp_min(1.0))[batch]
-        terms = terms + change.unsqueeze(-1)
+        terms = terms + change.unsqueeze(-1).to(terms.dtype)
     return terms
