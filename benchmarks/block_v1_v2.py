@@ -36,7 +36,7 @@ def model(block_type: str, l_max: int, channels: int, num_layers: int):
     irreps = "+".join(f"{channels}x{l}{'eo'[l % 2]}" for l in range(l_max + 1))
     return EquiformerModel(
         num_layers=num_layers, block_type=block_type, l_max=l_max, irreps_node_features=irreps,
-        num_heads=4, m_max=min(2, l_max), num_output_features=64, num_basis=16,
+        num_heads=4, num_output_features=64, num_basis=16,  # v2: m_max min(2, l_max), the default
         radial_mlp_width=32, **COMMON,
     ).eval()
 

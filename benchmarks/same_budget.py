@@ -18,7 +18,9 @@ Models (``--models``, in this order by default):
   training step (``jacobian_penalty_every: 4``) / without it (weight 0);
 - ``equiformer_v2`` / ``deq_v2``: the quickstart models with EquiformerV2 blocks
   (:data:`V2_BLOCKS`: 16 channels of every degree up to l_max 3, m_max 2, separable layer norm;
-  docs/equiformer_v2.md).
+  docs/equiformer_v2.md); ``equiformer_v2_1`` / ``equiformer_v2_2``: the explicit one with 1 / 2
+  blocks instead of 3;
+- ``deq_v2_variational``: ``deq_v2`` with ``fixed_point: variational`` (docs/deq.md).
 
 Every run prints a line per epoch; at the end the script prints a table of test energy and
 force MAE, epochs and seconds per epoch, and writes validation force MAE against training time
@@ -61,13 +63,17 @@ LABELS = {
     "deq_no_penalty": "DEQ, no Jacobian penalty",
     "equiformer_v2": "EquiformerModel, EquiformerV2 blocks (l_max 3)",
     "deq_v2": "DEQ, one EquiformerV2 block (l_max 3)",
+    "equiformer_v2_1": "EquiformerModel, 1 EquiformerV2 block",
+    "equiformer_v2_2": "EquiformerModel, 2 EquiformerV2 blocks",
+    "deq_v2_variational": "variational DEQ, one EquiformerV2 block",
 }
+EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
 
 
 def config(name: str, args) -> dict:
     """The shipped config of ``name`` with the data switched to the rMD17 protocol and the
     wall-clock budget set."""
-    base = "quickstart" if name in ("equiformer", "nequip_s", "equiformer_v2") else "deq_quickstart"
+    base = "quickstart" if name in EXPLICIT else "deq_quickstart"
     cfg = yaml.safe_load(open(REPO / "configs" / f"{base}.yaml"))
     data_dir = Path(args.data_dir).resolve()
     cfg["data"].update(
@@ -86,8 +92,14 @@ def config(name: str, args) -> dict:
         model.update({"_target_": "nequip.model.PresetNequIPGNNModel", "preset": "S"})
     elif name in DEQ_VARIANTS:
         model.update(DEQ_VARIANTS[name])
-    elif name in ("equiformer_v2", "deq_v2"):
+    elif "_v2" in name:
         model.update(V2_BLOCKS)
+        for v1_only in ("attention_type", "nonlinear_messages"):
+            model.pop(v1_only, None)
+        if name.startswith("equiformer_v2_"):
+            model["num_layers"] = int(name.rsplit("_", 1)[1])
+        if name == "deq_v2_variational":
+            model["fixed_point"] = "variational"
     elif name == "deq_cold":
         cfg["training_module"]["warm_start_training"] = False
     elif name == "deq_tight":

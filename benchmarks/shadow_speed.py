@@ -21,10 +21,11 @@ the machine's slow phases do not fall on one model; the DEQs warm-start (``xlbom
 ``--tolerance``). ms per step = one energy + forces call through ASE, the median over the
 sweeps of the calls after the first 9. Threads: as torch sets them (``OMP_NUM_THREADS``).
 
-The floor in block-equivalents: a shadow step is one forward and two backward passes of the
-block and readout (the potential, its gradient in the state, its gradient in the positions)
-against one forward and one backward for the one-block explicit model; the table gives each
-model's time over the one-block model's.
+The floor in block-equivalents: a shadow step is one forward and one backward pass of the
+block and of the output block inside the potential (the backward pass gives its gradients in
+the state, the positions and the cell at once), against one forward and one backward pass for
+the one-block explicit model (the encoder and its output block); the table gives each model's
+time over the one-block model's.
 """
 
 import argparse

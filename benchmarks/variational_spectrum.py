@@ -6,7 +6,7 @@ environments).
 
     python benchmarks/variational_spectrum.py
 
-The models are the small float64 test models of tests/test_deq.py (seed 5, 8x0e+4x1o+4x2e)
+The models are the small float64 test models of tests/small_deq.py (seed 5, 8x0e+4x1o+4x2e)
 and tests/test_deq_model.py (seed 123) with random weights; docs/deq.md quotes the output.
 """
 

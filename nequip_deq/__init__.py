@@ -3,7 +3,7 @@ NequIP. Imported by nequip at start-up (``nequip.extension`` entry point): keep 
 builders live in :mod:`nequip_deq.model`."""
 
 from ._version import __version__
-from . import _resolvers, _fields, _compile_targets
+from . import _resolvers, _fields, _compile_targets  # noqa: F401 (registrations)
 
 from nequip.scripts._package_utils import register_libraries_as_external_for_packaging
 
@@ -12,4 +12,4 @@ from nequip.scripts._package_utils import register_libraries_as_external_for_pac
 # and fails with torch.package's message only if such a training feature is used from it
 register_libraries_as_external_for_packaging(mock_modules=["torchdeq"])
 
-__all__ = ["__version__", "_resolvers", "_fields", "_compile_targets"]
+__all__ = ["__version__"]  # the private modules are imported for their registrations only

@@ -36,6 +36,7 @@ PAIR_NEQUIP_DEQ_TARGET = "pair_nequip_deq"
 STATE_WIDTH_METADATA_KEY = "deq_state_width"
 STATE_CACHE_METADATA_KEY = "deq_state_cache_atoms"
 STATE_CACHE_EXTRAPOLATION_METADATA_KEY = "deq_state_cache_extrapolation"
+STATE_CACHE_BYTES_METADATA_KEY = "deq_state_cache_bytes"  # its size in the model and in memory
 # the DEQ's kind (``lagrangian`` / ``variational``) and damping: DEQCalculator solves a
 # compiled variational DEQ by calls, with that damping
 FIXED_POINT_METADATA_KEY = "deq_fixed_point"

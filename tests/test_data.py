@@ -1,6 +1,9 @@
 """rMD17 / MD17 npz ingestion: unit conversion, round trips, split protocol, bad files."""
 
+from pathlib import Path
+
 import numpy as np
+
 import pytest
 import torch
 from ase.io import write
@@ -93,6 +96,17 @@ def test_bad_file_is_refused(tmp_path, mutate, words):
         assert word in message, message
 
 
+@pytest.mark.parametrize("cut", [0.5, 0.0], ids=["truncated", "not-npz"])
+def test_corrupt_file_is_refused(tmp_path, cut):
+    """A truncated download or a file that is not an npz at all: InvalidDataFile naming the
+    file, not a raw numpy or zipfile error."""
+    good = Path(_write_npz(tmp_path, **_good_arrays())).read_bytes()
+    path = tmp_path / "corrupt.npz"
+    path.write_bytes(good[: int(cut * len(good))] if cut else b"energies, forces, positions\n1, 2, 3\n")
+    with pytest.raises(InvalidDataFile, match="corrupt.npz"):
+        MoleculeNPZDataset(str(path))
+
+
 def test_datamodule_protocol():
     """train + val frames drawn from the train file, disjoint; test frames from the test file."""
     dm = MD17DataModule(
@@ -110,13 +124,16 @@ def test_datamodule_protocol():
     val = [d[AtomicDataDict.POSITIONS_KEY] for d in dm.val_dataset[0]]
     assert len(train) == 30 and len(val) == 10 and len(dm.test_dataset[0]) == 20
     assert not any(torch.equal(t, v) for t in train for v in val)
-    # every frame carries its index in the file (the key of warm-started DEQ training),
-    # through batching too
+    # every frame carries a key (of warm-started DEQ training): its index in the file in the
+    # low bits, through batching too, and keys of different files never collide
     raw = np.load(RMD17)["coords"]
     for frame in dm.train_dataset[0]:
-        index = int(frame["frame_index"])
+        index = int(frame["frame_index"]) % 2**32
         np.testing.assert_allclose(frame[AtomicDataDict.POSITIONS_KEY].numpy(), raw[index])
     batch = AtomicDataDict.batched_from_list([dm.train_dataset[0][i] for i in range(3)])
     assert batch["frame_index"].shape == (3,)
+    train_keys = {int(f["frame_index"]) for f in MoleculeNPZDataset(RMD17, max_frames=20)}
+    test_keys = {int(f["frame_index"]) for f in dm.test_dataset[0]}
+    assert len(train_keys) == 20 and not train_keys & test_keys
     with pytest.raises(ValueError, match="train=900"):
         MD17DataModule(train_file=RMD17, transforms=[], seed=0, train=900, val=50)

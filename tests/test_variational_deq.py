@@ -22,7 +22,7 @@ from nequip_deq.model import InvalidModelConfig
 from nequip_deq.nn import variational
 from nequip_deq.nn.fixed_point import DEQEquiformerLayer
 
-from test_deq import (
+from small_deq import (
     R_MAX,
     build,
     central_difference_forces,

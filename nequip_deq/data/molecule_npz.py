@@ -14,11 +14,14 @@ kcal/mol/Å are converted to eV and eV/Å. Frames become :class:`ase.Atoms` with
 calculator and go through nequip's own ASE ingestion (:func:`nequip.data.ase.from_ase`).
 """
 
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import ase
 import ase.units
+
 import numpy as np
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -89,9 +92,12 @@ def read_molecule_npz(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file `{path}`")
-    with np.load(path) as npz:
+    with _open_npz(path) as npz:
         layout = detect_layout(path, list(npz.keys()))
-        arrays = {name: np.asarray(npz[key]) for name, key in layout.items()}
+        try:
+            arrays = {name: np.asarray(npz[key]) for name, key in layout.items()}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            _fail(path, None, f"an array cannot be read ({type(e).__name__}: {e}); the file is corrupt")
     z, R, E, F = arrays["z"], arrays["R"], arrays["E"], arrays["F"]
 
     if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer) or (z < 1).any() or (z > 118).any():
@@ -124,17 +130,36 @@ def read_molecule_npz(
 
 def num_frames(path: Union[str, Path]) -> int:
     """Number of frames of an rMD17/sGDML npz file, without loading the arrays."""
-    with np.load(path, mmap_mode="r") as npz:
+    with _open_npz(path) as npz:
         layout = detect_layout(path, list(npz.keys()))
-        return int(npz[layout["R"]].shape[0])
+        try:
+            return int(npz[layout["R"]].shape[0])
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            _fail(path, layout["R"], f"cannot be read ({type(e).__name__}: {e}); the file is corrupt")
+
+
+def frame_key(path: Union[str, Path], index: int) -> int:
+    """A key of frame ``index`` of the file ``path`` that no frame of another file has: the
+    index in the low 32 bits, a 30-bit checksum of the file's absolute path above them."""
+    file_id = zlib.crc32(str(Path(path).resolve()).encode()) & (2**30 - 1)
+    return file_id * 2**32 + int(index)
+
+
+def _open_npz(path):
+    """``np.load`` of an npz file, or :class:`InvalidDataFile` saying that it is not one."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        _fail(path, None, f"not a readable npz file ({type(e).__name__}: {e})")
 
 
 class MoleculeNPZDataset(AtomicDataset):
     """nequip dataset of an rMD17 or sGDML (MD17, MD22) npz file, in eV and Å.
 
     The whole file is validated on construction (see :func:`read_molecule_npz`). Every frame
-    carries its index in the file as ``frame_index`` (a graph field): the key under which
-    warm-started DEQ training keeps the frame's fixed point (:mod:`nequip_deq.train`).
+    carries a key unique to it as ``frame_index`` (a graph field; :func:`frame_key`): the key
+    under which warm-started DEQ training keeps the frame's fixed point
+    (:mod:`nequip_deq.train`), distinct across files.
 
     Args:
         file_path (str): the npz file
@@ -156,7 +181,7 @@ class MoleculeNPZDataset(AtomicDataset):
         self.data_list: List[AtomicDataDict.Type] = []
         for index, atoms in enumerate(read_molecule_npz(file_path, energy_unit, frames)):
             data = from_ase(atoms)
-            data[FRAME_INDEX_KEY] = torch.tensor([index], dtype=torch.long)
+            data[FRAME_INDEX_KEY] = torch.tensor([frame_key(file_path, index)], dtype=torch.long)
             self.data_list.append(data)
 
     def __len__(self) -> int:

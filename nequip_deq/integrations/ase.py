@@ -47,7 +47,10 @@ class DEQCalculator(NequIPCalculator):
     a friction in NVE (docs/deq.md tabulates both).
 
     Falls back to a cold start (zeros) on the first call, when the atomic numbers change
-    (count or order), when the stored state has the wrong shape, or after :meth:`reset_state`.
+    (count or order), when the stored state has the wrong shape, after a call whose solve
+    ended above its tolerance (nothing of it is kept to start from, as in the LAMMPS state
+    cache), or after :meth:`reset_state`. A call that raises leaves neither results nor a
+    start behind.
     ``warm_start=False`` always cold-starts (for comparisons).
 
     ``tolerance``: the relative tolerance of the forward and adjoint solves of every call
@@ -189,6 +192,8 @@ class DEQCalculator(NequIPCalculator):
         self._shadow_step = False
 
     def call_model(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        self.results = {}  # a call that raises leaves no results of an earlier one behind
+        self.calls += 1
         num_atoms = data[AtomicDataDict.POSITIONS_KEY].shape[0]
         numbers = np.asarray(self.atoms.get_atomic_numbers())
         same_atoms = (
@@ -216,17 +221,31 @@ class DEQCalculator(NequIPCalculator):
             out = self._solve(data)
         if self._shadow_step and not float(out[SOLVER_RESIDUAL_KEY].max()) <= self.shadow_bound:
             out = self._solve_instead(unsolved, float(out[SOLVER_RESIDUAL_KEY].max()))
-        solution = (out[DEQ_STATE_KEY].detach(), out[DEQ_ADJOINT_STATE_KEY].detach())
-        self._starts.record(solution)
+        # a shadow step is not a solve: its residual was checked against shadow_bound
+        limits = {**self._limits(), "f_tol": float("inf")} if self._shadow_step else self._limits()
+        if check_solves(out, limits, self.calls, warn=self.solver_limits is not None):
+            self._starts.record((out[DEQ_STATE_KEY].detach(), out[DEQ_ADJOINT_STATE_KEY].detach()))
+        else:  # as the LAMMPS state cache: nothing to start from, the next call starts cold
+            self._starts.reset()
         self._numbers = numbers.copy()
         self._warm = warm
         return out
+
+    def _limits(self) -> dict:
+        """The tolerances and caps this calculator's solves run at: the compiled model's
+        metadata, or an eager model's DEQ layer (at ``tolerance`` when one was given)."""
+        if self.solver_limits is not None:
+            return self.solver_limits
+        layer = next(m for m in self.model.modules() if hasattr(m, "f_tol") and hasattr(m, "b_tol"))
+        floor = tolerance_floor(self._model_dtype(None))
+        f_tol, b_tol = self.tolerances or (max(layer.f_tol, floor), max(layer.b_tol, floor))
+        return {"f_tol": f_tol, "b_tol": b_tol, "f_max_iter": layer.f_max_iter, "b_max_iter": layer.b_max_iter}
 
     def _solve_instead(self, data: AtomicDataDict.Type, residual: float) -> AtomicDataDict.Type:
         """A shadow step whose state is too far from the solution: solve it (from that state)."""
         if not self._shadow_warned:
             warnings.warn(
-                f"shadow step at call {self.calls + 1}: relative residual {residual:.3g} of the "
+                f"shadow step at call {self.calls}: relative residual {residual:.3g} of the "
                 f"auxiliary state is above shadow_bound {self.shadow_bound:g}; solving this step "
                 "to tolerance instead (said once; `deq_shadow` in the results marks each step)."
             )
@@ -277,15 +296,9 @@ class DEQCalculator(NequIPCalculator):
         return out
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
-        self.calls += 1
-        for key in SOLVER_STATISTICS:
-            self.results[key] = out[key].detach().cpu().numpy().reshape(-1)[0]
+        self.results.update(solver_statistics(out))
         self.results["deq_warm"] = self._warm
         self.results["deq_shadow"] = self._shadow_step
-        if self.solver_limits is not None:
-            # a shadow step is not a solve: its residual is checked against shadow_bound
-            limits = {**self.solver_limits, "f_tol": float("inf")} if self._shadow_step else self.solver_limits
-            check_solves(self.results, out, limits, self.calls)
 
 
 def model_type_names(calculator) -> Optional[list]:
@@ -367,28 +380,39 @@ def load_calculator(
     return calc
 
 
-def check_solves(results: dict, out: AtomicDataDict.Type, limits: dict, call: int) -> None:
-    """What a compiled DEQ model cannot do itself: raise :class:`FixedPointError` on
-    non-finite energies, forces or residuals, and warn when the forward or adjoint solve of
-    call number ``call`` ended above its tolerance (``limits``: see
-    :func:`~nequip_deq._compile_targets.solver_limits`)."""
+def solver_statistics(out: AtomicDataDict.Type) -> dict:
+    """The solver statistics of a single-frame model output as numbers (:data:`SOLVER_STATISTICS`)."""
+    return {key: out[key].detach().cpu().numpy().reshape(-1)[0] for key in SOLVER_STATISTICS}
+
+
+def check_solves(out: AtomicDataDict.Type, limits: dict, call: int, warn: bool = True) -> bool:
+    """Check the output of call number ``call``: raise :class:`FixedPointError` on non-finite
+    energies, forces or residuals (what a compiled DEQ model cannot do itself); return whether
+    the forward and adjoint solves ended within their tolerances (``limits``: see
+    :func:`~nequip_deq._compile_targets.solver_limits`), and when not, with ``warn``, warn
+    with the residual and the iterations (an eager model warns itself)."""
+    stats = solver_statistics(out)
     values = [out[AtomicDataDict.TOTAL_ENERGY_KEY], out[AtomicDataDict.FORCE_KEY]]
-    residuals = (results["deq_residual"], results["deq_adjoint_residual"])
+    residuals = (stats["deq_residual"], stats["deq_adjoint_residual"])
     if not all(bool(torch.isfinite(v).all()) for v in values) or not np.isfinite(residuals).all():
         raise FixedPointError(
             f"DEQ model returned non-finite values at call {call} (forward residual "
-            f"{residuals[0]:g} after {results['deq_iterations']} iterations, adjoint "
-            f"{residuals[1]:g} after {results['deq_adjoint_iterations']}): the solver diverged. "
+            f"{residuals[0]:g} after {stats['deq_iterations']} iterations, adjoint "
+            f"{residuals[1]:g} after {stats['deq_adjoint_iterations']}): the solver diverged. "
             "Check the structure (overlapping atoms?) and the time step."
         )
+    converged = True
     for what, res, it, tol, cap in (
-        ("forward", residuals[0], results["deq_iterations"], limits["f_tol"], limits["f_max_iter"]),
-        ("adjoint", residuals[1], results["deq_adjoint_iterations"], limits["b_tol"], limits["b_max_iter"]),
+        ("forward", residuals[0], stats["deq_iterations"], limits["f_tol"], limits["f_max_iter"]),
+        ("adjoint", residuals[1], stats["deq_adjoint_iterations"], limits["b_tol"], limits["b_max_iter"]),
     ):
         if res > tol:
-            warnings.warn(
-                f"DEQ {what} solve at call {call} ended at relative residual {res:.3g} above its "
-                f"tolerance {tol:g} after {int(it)} iterations (cap {cap}): energies and forces "
-                "carry that error. Recompile with a larger iteration cap (`f_max_iter`, "
-                "`b_max_iter`) or check the structure."
-            )
+            converged = False
+            if warn:
+                warnings.warn(
+                    f"DEQ {what} solve at call {call} ended at relative residual {res:.3g} above "
+                    f"its tolerance {tol:g} after {int(it)} iterations (cap {cap}): energies and "
+                    "forces carry that error, and the next call starts cold. Recompile with a "
+                    "larger iteration cap (`f_max_iter`, `b_max_iter`) or check the structure."
+                )
+    return converged

@@ -3,6 +3,7 @@
 (encoder, blocks, energy readout, forces/stress)."""
 
 import inspect
+import warnings
 from typing import Dict, Optional, Sequence, Union
 
 from e3nn.o3._irreps import Irreps
@@ -29,6 +30,11 @@ from nequip_deq.nn import (
 from nequip_deq.nn.ghost_atoms import LocalAtomEnergies
 
 RADIAL_BASES = ("gaussian", "exp_normal", "bessel")
+# the arguments that only one block type reads
+BLOCK_TYPE_ARGS = {
+    "v1": ("attention_type", "nonlinear_messages"),
+    "v2": ("m_max", "attention_renorm", "hidden_channels", "s2_activation"),
+}
 
 ARCHITECTURE_ARGS = """
     Architecture arguments, shared by ``EquiformerModel`` and ``DEQEquiformerModel``:
@@ -55,7 +61,8 @@ ARCHITECTURE_ARGS = """
             (about 2x the cost of linear messages; default ``True``)
         alpha_channels (int): MLP-attention logit channels per head (default ``0``: the
             number of ``0e`` channels per head)
-        m_max (int): v2: largest order kept in the edge frames, 1..l_max (default 2)
+        m_max (int): v2: largest order kept in the edge frames, 1..l_max (default
+            ``min(2, l_max)``)
         attention_renorm (bool): v2: layer norm on the attention logits (default ``True``)
         hidden_channels (int): v2: channels between the two SO(2) convolutions (default ``0``:
             the multiplicity)
@@ -91,8 +98,20 @@ class InvalidModelConfig(ValueError):
 
 
 def with_architecture_args(builder):
-    """Append :data:`ARCHITECTURE_ARGS` to a builder's docstring (``help(builder)``)."""
+    """Give a builder that takes the architecture arguments as ``**kwargs`` their
+    documentation (:data:`ARCHITECTURE_ARGS`, appended to its docstring) and their signature:
+    ``inspect.signature`` and ``help()`` show the builder's own arguments (kept in
+    ``builder.builder_args``) followed by every architecture argument (keyword-only) with its
+    default."""
     builder.__doc__ = (builder.__doc__ or "") + ARCHITECTURE_ARGS
+    own = [p for p in inspect.signature(builder).parameters.values() if p.kind != p.VAR_KEYWORD]
+    shared = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, p in inspect.signature(EquiformerArchitecture.__init__).parameters.items()
+        if name != "self"
+    ]
+    builder.__signature__ = inspect.Signature(own + shared)
+    builder.builder_args = tuple(p.name for p in own)
     return builder
 
 
@@ -127,7 +146,7 @@ class EquiformerArchitecture:
         attention_type: str = "mlp",
         nonlinear_messages: bool = True,
         alpha_channels: int = 0,
-        m_max: int = 2,
+        m_max: Optional[int] = None,
         attention_renorm: bool = True,
         hidden_channels: int = 0,
         separable_layer_norm: Optional[bool] = None,
@@ -164,7 +183,7 @@ class EquiformerArchitecture:
         self.attention_type = attention_type
         self.nonlinear_messages = nonlinear_messages
         self.alpha_channels = alpha_channels
-        self.m_max = m_max
+        self.m_max = min(2, l_max) if m_max is None and isinstance(l_max, int) else m_max
         self.attention_renorm = attention_renorm
         self.hidden_channels = hidden_channels
         if separable_layer_norm is None:  # each paper's layer norm
@@ -189,8 +208,13 @@ class EquiformerArchitecture:
         self._check()
 
     @classmethod
-    def from_kwargs(cls, builder: str, kwargs: Dict) -> "EquiformerArchitecture":
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    def from_kwargs(cls, builder: str, kwargs: Dict, builder_args: Sequence[str] = ()) -> "EquiformerArchitecture":
+        """The architecture of ``builder`` from its ``**kwargs``. Refused: unknown arguments
+        (named, with every argument the builder takes: ``builder_args`` and the architecture's)
+        and arguments of the other block type with a value that would change that block type
+        (the blocks built would ignore them); warned about: those at their default value."""
+        signature = inspect.signature(cls.__init__).parameters
+        allowed = [p for p in signature if p != "self"]
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
             hint = (
@@ -198,10 +222,25 @@ class EquiformerArchitecture:
                 if "num_layers" in unknown
                 else ""
             )
+            own = f"its own arguments are {list(builder_args)}, " if builder_args else ""
             raise InvalidModelConfig(
-                f"{builder} got unknown arguments {unknown}{hint}; its architecture arguments "
-                f"are {allowed} (see help({builder}))."
+                f"{builder} got unknown arguments {unknown}{hint}; {own}its architecture "
+                f"arguments are {allowed} (see help({builder}))."
             )
+        block_type = kwargs.get("block_type", signature["block_type"].default)
+        others = [t for t in BLOCK_TYPE_ARGS if t != block_type] if block_type in BLOCK_TYPE_ARGS else []
+        for other in others:
+            for name in [n for n in BLOCK_TYPE_ARGS[other] if n in kwargs]:
+                if kwargs[name] != signature[name].default:
+                    raise InvalidModelConfig(
+                        f"`{name}={kwargs[name]!r}` applies to {other} blocks only; the "
+                        f"`block_type={block_type}` blocks would ignore it: remove it or set "
+                        f"`block_type: {other}`."
+                    )
+                warnings.warn(
+                    f"`{name}` applies to {other} blocks only and has no effect with "
+                    f"`block_type={block_type}`; remove it from the model arguments."
+                )
         return cls(**kwargs)
 
     def _check(self) -> None:
@@ -218,11 +257,6 @@ class EquiformerArchitecture:
             )
         if self.block_type == "v2":
             self._check_v2()
-        elif self.s2_activation:
-            raise InvalidModelConfig(
-                "`s2_activation=True` needs `block_type=v2` (the S2 activation acts on features "
-                "with one multiplicity for every degree); drop it or set block_type: v2."
-            )
         if self.attention_type not in ATTENTION_TYPES:
             raise InvalidModelConfig(
                 f"`attention_type={self.attention_type!r}` is unknown; use one of "

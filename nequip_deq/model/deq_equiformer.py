@@ -143,7 +143,7 @@ def DEQEquiformerModel(
             gradient: forces are not −dE/dx, MD does not conserve energy; comparison only)
         train_gradient (str): how training differentiates the forces w.r.t. the parameters:
             ``implicit`` (default: one backward fixed-point solve, exact to ``grad_tol``,
-            memory independent of the iterations) or ``unroll`` (``train_unroll_steps``
+            no graph recorded per iteration) or ``unroll`` (``train_unroll_steps``
             differentiable refinement iterations; error ~ contraction^K, memory ~ K)
         train_unroll_steps (int): K of ``train_gradient: unroll`` and of the phantom
             gradient (default 3)
@@ -158,7 +158,7 @@ def DEQEquiformerModel(
         gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
         norm_eps, fixed_point, jacobian_penalty, stiffness,
     )
-    arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs)
+    arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs, DEQEquiformerModel.builder_args)
     modules = arch.encoder(
         extra_inputs={
             DEQ_STATE_KEY: arch.irreps, DEQ_ADJOINT_STATE_KEY: arch.irreps, DEQ_TOLERANCE_KEY: None
@@ -186,6 +186,7 @@ def DEQEquiformerModel(
         grad_tol=grad_tol,
         grad_max_iter=grad_max_iter,
         jacobian_penalty=jacobian_penalty,
+        force_pass=arch.do_derivatives,
         irreps_in=encoded,
     )
     return arch.energy_model(modules)

@@ -16,7 +16,7 @@ def EquiformerModel(num_layers: int = 6, **kwargs):
     Args:
         num_layers (int): transformer blocks; the last one outputs scalars only (default 6)
     """
-    arch = EquiformerArchitecture.from_kwargs("EquiformerModel", kwargs)
+    arch = EquiformerArchitecture.from_kwargs("EquiformerModel", kwargs, EquiformerModel.builder_args)
     if not isinstance(num_layers, int) or num_layers < 1:
         raise InvalidModelConfig(f"`num_layers={num_layers}`: need an integer >= 1.")
     modules = arch.encoder()

@@ -24,6 +24,7 @@ unrolled, Jacobian penalty) in :mod:`~nequip_deq.nn.training_gradients`. Everyth
 call and reused by every iteration, adjoint product and the Lagrangian.
 """
 
+import logging
 import os
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -41,6 +42,7 @@ from .._compile_targets import (
     DAMPING_METADATA_KEY,
     FIXED_POINT_METADATA_KEY,
     SOLVER_METADATA_KEYS,
+    STATE_CACHE_BYTES_METADATA_KEY,
     STATE_CACHE_EXTRAPOLATION_METADATA_KEY,
     STATE_CACHE_METADATA_KEY,
     STATE_WIDTH_METADATA_KEY,
@@ -208,7 +210,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
     - ``gradient: implicit`` (default): exact forces and stress (up to the solver tolerances).
       In training, the parameter gradient of a force loss needs how :math:`(z^*, v^*)` moves
       with the parameters: ``train_gradient: implicit`` (default) solves one more fixed point
-      in the backward pass (exact to ``grad_tol``, memory independent of the iterations),
+      in the backward pass (exact to ``grad_tol``; no graph recorded per iteration),
       ``train_gradient: unroll`` differentiates ``train_unroll_steps`` refinement iterations
       (error ~ contraction factor^steps); see :mod:`~nequip_deq.nn.training_gradients`.
     - ``gradient: phantom``: energy :math:`R(f^K(z^*))` with :math:`z^*` constant,
@@ -233,6 +235,10 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         jacobian_penalty: in training, also compute a Hutchinson estimate of
             :math:`\\|\\partial f/\\partial z\\|_F^2 / \\dim z` at :math:`z^*` (kept, with its
             graph, in ``last_jacobian_penalty`` for a Jacobian-regularisation loss)
+        force_pass: whether the model differentiates the energy for forces inside its
+            forward (nequip's force output: the builder's ``do_derivatives``); in training,
+            the implicit gradient passes nothing to that first backward pass
+            (:mod:`~nequip_deq.nn.training_gradients`)
     """
 
     variational = False  # whether the fixed point minimises the energy (nn.variational)
@@ -258,6 +264,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         grad_tol: float = 1e-6,
         grad_max_iter: int = 60,
         jacobian_penalty: bool = False,
+        force_pass: bool = True,
         irreps_in=None,
     ):
         super().__init__()
@@ -296,6 +303,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         self.grad_tol = float(grad_tol)
         self.grad_max_iter = int(grad_max_iter)
         self.jacobian_penalty = bool(jacobian_penalty)
+        self.force_pass = bool(force_pass)
         self.last_jacobian_penalty = None
         self.last_backward_statistics = None
         self.state_cache = DEQStateCache(0, irreps.dim, torch.get_default_dtype())
@@ -316,6 +324,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         out.update({k: str(v) for k, v in zip(SOLVER_METADATA_KEYS, settings)})
         if self.state_cache.capacity > 0:
             out[STATE_CACHE_METADATA_KEY] = str(self.state_cache.capacity)
+            out[STATE_CACHE_BYTES_METADATA_KEY] = str(self.state_cache.nbytes())
             out[STATE_CACHE_EXTRAPOLATION_METADATA_KEY] = self.state_cache.extrapolation
         return out
 
@@ -355,6 +364,10 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
             layer.state_cache = DEQStateCache(
                 capacity, old.width, old.states.dtype, max_displacement, extrapolation
             ).to(old.states.device)
+            logging.getLogger(__name__).info(
+                f"{layer.state_cache.describe()} Size it to the largest system you run "
+                f"({CAPACITY_ENV}=<atoms> when compiling)."
+            )
             return layer
 
         return replace_submodules(model, cls, factory)

@@ -169,7 +169,12 @@ def gmres(
     :math:`x \\mapsto A x`, block-diagonal over frames) by GMRES without restarts: the Krylov
     basis and the least-squares problem :math:`\\min_y \\|\\beta e_1 - \\bar H y\\|` are kept
     per frame (inner products are sums over each frame's atoms), so each frame converges as if
-    it were solved alone. Stops when every frame's relative residual
+    it were solved alone. The least-squares problem is kept triangular by Givens rotations,
+    :math:`Q \\bar H = R`, :math:`g = Q \\beta e_1`: its residual is :math:`|g_{j+1}|` and
+    :math:`y = R^{-1} g` by back substitution. A frame whose right-hand side is zero, or whose
+    Krylov space stops growing (a breakdown: its solution is then exact), gets zero columns;
+    their diagonal entries are taken as 1, which leaves the solution of that frame as it was
+    instead of dividing by zero. Stops when every frame's relative residual
     :math:`\\|b - A x\\| / \\|x\\|` (frame norms: the residual GMRES minimises and knows
     without an extra operator application; training solves only) is at most ``tol``, or after
     ``max_iter`` operator applications.
@@ -184,29 +189,38 @@ def gmres(
     basis = [r0 / per_atom(beta.clamp_min(1e-30))]
     x0_norm2 = dot(x0, x0)
     x0_basis = [dot(x0, basis[0])]  # <x0, V_i>, for |x| = |x0 + V y|
-    hessenberg = b.new_zeros(num_frames, max_iter + 1, max_iter)
+    triangle = b.new_zeros(num_frames, max_iter, max_iter)  # R, column by column
+    rotations = []  # (cos, sin) per frame, one pair per column
+    g = b.new_zeros(num_frames, max_iter + 1)
+    g[:, 0] = beta
     iters = torch.full((num_frames,), max_iter, dtype=torch.long, device=b.device)
     done = beta == 0
     iters = torch.where(done, torch.zeros_like(iters), iters)
-    y = b.new_zeros(num_frames, 0, 1)
+    y = b.new_zeros(num_frames, 0)
     res = torch.zeros(num_frames, dtype=b.dtype, device=b.device)
     for j in range(max_iter):
         w = apply_operator(basis[j])
+        column = []
         for i in range(j + 1):  # modified Gram-Schmidt, per frame
             h = dot(w, basis[i])
-            hessenberg[:, i, j] = h
+            column.append(h)
             w = w - per_atom(h) * basis[i]
-        norm = dot(w, w).sqrt()
-        hessenberg[:, j + 1, j] = norm
-        basis.append(w / per_atom(norm.clamp_min(1e-30)))
+        below = dot(w, w).sqrt()
+        basis.append(w / per_atom(below.clamp_min(1e-30)))
         x0_basis.append(dot(x0, basis[-1]))
-        rhs = b.new_zeros(num_frames, j + 2, 1)
-        rhs[:, 0, 0] = beta
-        h = hessenberg[:, : j + 2, : j + 1]
-        y = torch.linalg.lstsq(h, rhs).solution
-        yy = y.squeeze(-1)
-        x_norm2 = x0_norm2 + 2 * (torch.stack(x0_basis[: j + 1], -1) * yy).sum(-1) + yy.square().sum(-1)
-        res = (rhs - h @ y).squeeze(-1).norm(dim=-1) / x_norm2.clamp_min(0).sqrt().clamp_min(1e-30)
+        for i, (c, s) in enumerate(rotations):  # the earlier rotations, on the new column
+            column[i], column[i + 1] = c * column[i] + s * column[i + 1], c * column[i + 1] - s * column[i]
+        c, s, column[j] = _givens(column[j], below)
+        rotations.append((c, s))
+        g[:, j + 1] = -s * g[:, j]
+        g[:, j] = c * g[:, j]
+        triangle[:, : j + 1, j] = torch.stack(column, -1)
+        r = triangle[:, : j + 1, : j + 1]
+        diagonal = r.diagonal(dim1=-2, dim2=-1)
+        r = r + torch.diag_embed((diagonal == 0).to(r.dtype))  # zero columns: keep y as it was
+        y = torch.linalg.solve_triangular(r, g[:, : j + 1, None], upper=True).squeeze(-1)
+        x_norm2 = x0_norm2 + 2 * (torch.stack(x0_basis[: j + 1], -1) * y).sum(-1) + y.square().sum(-1)
+        res = g[:, j + 1].abs() / x_norm2.clamp_min(0).sqrt().clamp_min(1e-30)
         res = torch.where(beta == 0, torch.zeros_like(res), res)
         newly = ~done & (res <= tol)
         iters = torch.where(newly, torch.full_like(iters, j + 1), iters)
@@ -215,8 +229,19 @@ def gmres(
             break
     x = x0
     for i in range(y.shape[1]):
-        x = x + per_atom(y[:, i, 0]) * basis[i]
+        x = x + per_atom(y[:, i]) * basis[i]
     return x, iters, res
+
+
+def _givens(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per frame, the rotation :math:`(c, s)` with :math:`c a + s b = r`, :math:`c b - s a = 0`,
+    and :math:`r = \\sqrt{a^2 + b^2}`; the identity where both are zero."""
+    r = torch.hypot(a, b)
+    zero = r == 0
+    safe = torch.where(zero, torch.ones_like(r), r)
+    c = torch.where(zero, torch.ones_like(r), a / safe)
+    s = torch.where(zero, torch.zeros_like(r), b / safe)
+    return c, s, r
 
 
 @torch.jit.unused

@@ -110,6 +110,22 @@ class DEQStateCache(torch.nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
 
+    @torch.jit.unused
+    def nbytes(self) -> int:
+        """Memory of the buffers: what the cache adds to a compiled model and to the memory
+        of the device it runs on."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @torch.jit.unused
+    def describe(self) -> str:
+        """One line for the user: capacity, states per atom, size."""
+        per_atom = 6 + 2 * self.aux_states.shape[0]
+        return (
+            f"DEQ state cache: {self.capacity} atoms x {per_atom} states of {self.width} numbers "
+            f"({self.extrapolation} start) = {self.nbytes() / 2**20:.0f} MiB, in the compiled "
+            "model and in memory where it runs; larger systems run cold."
+        )
+
     def _rows(self, n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Buffer row of each of ``n`` atoms (clamped to the capacity) and whether it fits:
         gathers and scatters with these keep every shape ``n`` or ``capacity``, which export

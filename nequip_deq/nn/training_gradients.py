@@ -33,18 +33,23 @@ The equation is linear in :math:`u` (solved per frame by GMRES,
 :func:`~nequip_deq.nn.solvers.gmres`); the operator is block-triangular with :math:`J` and
 :math:`J^\\top` on its diagonal, so it is as well conditioned as the adjoint. One product with
 :math:`(\\partial_w\\Phi)^\\top` is one backward pass through the graph of a single application
-of :math:`\\Phi` (recorded once per backward solve), whatever the number of iterations, so the
-memory does not grow with them.
+of :math:`\\Phi` (recorded once per backward solve), whatever the number of iterations: the
+memory grows with them only by GMRES's Krylov basis (one vector per iteration).
 
 :class:`ImplicitTrainingGradient` attaches :math:`w^*` to the graph as a function of the
 parameters. One trap: the forces must stay the partial derivative :math:`-\\partial_p\\mathcal{L}`
 at fixed :math:`w`. The attachment depends on the encoder output :math:`\\hat x` (for the
 encoder's parameters), which depends on the positions; the force pass (``create_graph=True``)
 would then add :math:`\\partial_w\\mathcal{L}\\, dw^*/dp`, which vanishes at the fixed point, but
-whose :math:`\\theta`-derivative does not. So in a pass that records a graph (the force pass)
-the attachment passes no gradient (the exact value, :math:`\\partial_w\\mathcal{L} = 0`), and in
-the parameter-gradient pass it returns the implicit gradient; :math:`\\Phi` is rebuilt there
-on detached geometry, so it carries the parameter dependence only.
+whose :math:`\\theta`-derivative does not. So the first backward pass through the attachment,
+the force pass (nequip's force output differentiates the energy once, inside the model's
+forward; the layer is told at build time whether the model has one, ``force_pass``), passes no
+gradient (the exact value, :math:`\\partial_w\\mathcal{L} = 0`), and every later pass, the
+parameter gradient, gets the implicit gradient, whatever the grad mode it runs in;
+:math:`\\Phi` is rebuilt there on detached geometry, so it carries the parameter dependence
+only. That gradient is exact to first order; it is not itself differentiable (a parameter
+pass with ``create_graph=True`` warns that second derivatives through the fixed point miss the
+solve's dependence on the parameters).
 
 ``unroll`` (the alternative, ``train_gradient: unroll``) differentiates ``K`` refinement steps
 of both fixed points instead: its error decays like (contraction factor)^K, its memory grows
@@ -68,6 +73,7 @@ backward pass through a recorded :math:`\\nabla_z\\Phi`). The attachment is the 
 :class:`ImplicitTrainingGradient` (the force pass passes nothing: :math:`\\nabla_z\\Phi = 0`).
 """
 
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -80,22 +86,32 @@ from .solvers import check_solution, conjugate_gradient, gmres
 class ImplicitTrainingGradient(torch.autograd.Function):
     """Identity on :math:`(z^*, v^*)` whose backward is the implicit gradient (module
     docstring). Inputs: ``solve`` (a closure mapping the cotangents of :math:`z, v` to the
-    gradients of ``inputs``), :math:`z^*`, :math:`v^*` (detached) and the tensors the
-    gradient flows to (:math:`\\hat x` and the layer's parameters)."""
+    gradients of ``inputs``), ``force_passes`` (how many of the first backward passes are
+    force passes, which get nothing: 1 in a model with a force output, else 0), :math:`z^*`,
+    :math:`v^*` (detached) and the tensors the gradient flows to (:math:`\\hat x` and the
+    layer's parameters)."""
 
     @staticmethod
-    def forward(ctx, solve: Callable, z: torch.Tensor, v: torch.Tensor, *inputs: torch.Tensor):
+    def forward(ctx, solve: Callable, force_passes: int, z: torch.Tensor, v: torch.Tensor, *inputs: torch.Tensor):
         ctx.solve = solve
+        ctx.force_passes_left = force_passes
         ctx.num_inputs = len(inputs)
         return z.clone(), v.clone()
 
     @staticmethod
     def backward(ctx, grad_z: Optional[torch.Tensor], grad_v: Optional[torch.Tensor]):
-        none = (None, None, None)
-        if torch.is_grad_enabled():
-            # the force pass (create_graph=True): dL/dw = 0 at the fixed point; passing it
-            # on would only plant a wrong second-order term (module docstring)
+        none = (None, None, None, None)
+        if ctx.force_passes_left > 0:
+            # the force pass: dL/dw = 0 at the fixed point; passing it on would only plant a
+            # wrong second-order term (module docstring)
+            ctx.force_passes_left -= 1
             return none + (None,) * ctx.num_inputs
+        if torch.is_grad_enabled():
+            warnings.warn(
+                "a parameter gradient with create_graph=True through a DEQ's fixed point: its "
+                "first derivatives are exact, but they are not differentiable again (second "
+                "derivatives miss the fixed point's dependence on the parameters)."
+            )
         return none + tuple(ctx.solve(grad_z, grad_v))
 
 
@@ -112,7 +128,7 @@ def attach_implicit_gradient(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:math:`(z^*, v^*)` as functions of the parameters and :math:`\\hat x` (through
     :class:`ImplicitTrainingGradient`). ``layer`` is the DEQ layer (``f``, ``energy``,
-    ``edge_weights``); it receives the backward solve's statistics in
+    ``edge_weights``, ``force_pass``); it receives the backward solve's statistics in
     ``last_backward_statistics`` (iterations and residual per frame)."""
     params = [p for p in layer.parameters() if p.requires_grad]
     geometry = {k: v.detach() for k, v in data.items()}
@@ -134,7 +150,7 @@ def attach_implicit_gradient(
         layer.last_backward_statistics = {"iterations": iters, "residual": res}
         return grads
 
-    return ImplicitTrainingGradient.apply(solve, z_fixed, v_fixed, x_hat, *params)
+    return ImplicitTrainingGradient.apply(solve, int(layer.force_pass), z_fixed, v_fixed, x_hat, *params)
 
 
 def backward_solve(
@@ -191,7 +207,7 @@ def attach_minimiser_gradient(
     tol: float,
     max_iter: int,
 ) -> torch.Tensor:
-    """:math:`z^*` of a variational layer (``potential``, ``edge_weights``) as a function of
+    """:math:`z^*` of a variational layer (``potential``, ``edge_weights``, ``force_pass``) as a function of
     the parameters and :math:`\\hat x`, with the Hessian solve of the module docstring in its
     backward; the solve's statistics go to ``layer.last_backward_statistics``."""
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -215,7 +231,9 @@ def attach_minimiser_gradient(
         layer.last_backward_statistics = {"iterations": iters, "residual": res}
         return list(torch.autograd.grad([gradient], [x] + params, [-u], allow_unused=True))
 
-    z, _ = ImplicitTrainingGradient.apply(solve, z_fixed, torch.zeros_like(z_fixed), x_hat, *params)
+    z, _ = ImplicitTrainingGradient.apply(
+        solve, int(layer.force_pass), z_fixed, torch.zeros_like(z_fixed), x_hat, *params
+    )
     return z
 
 

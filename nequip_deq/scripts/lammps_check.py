@@ -12,6 +12,7 @@ and, for DEQ models, whether MD steps will be warm-started.
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,15 @@ def main(argv=None) -> int:
         print(f"error: {args.model}: pair_style nequip loads `.nequip.pt2` (AOTInductor) or "
               "`.nequip.pth` (TorchScript) files; this checks `.nequip.pt2`.", file=sys.stderr)
         return 2
-    metadata = torch._inductor.aoti_load_package(args.model).get_metadata()
+    if not Path(args.model).is_file():
+        print(f"error: {args.model}: no such file.", file=sys.stderr)
+        return 2
+    try:
+        metadata = torch._inductor.aoti_load_package(args.model).get_metadata()
+    except Exception as e:  # a truncated or foreign file: say which, not a traceback
+        print(f"error: {args.model}: not a loadable AOTInductor package ({type(e).__name__}: "
+              f"{e}); recompile it with nequip-compile --mode aotinductor.", file=sys.stderr)
+        return 2
     try:
         notes = check_pair_model(metadata, args.elements)
     except (WrongCompileTarget, LAMMPSTypeMapError) as e:

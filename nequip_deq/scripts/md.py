@@ -27,7 +27,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
-from nequip_deq._resolvers import bundled_data_path
+from nequip_deq._resolvers import BUNDLED_DATA_DIR, bundled_data_path
 from nequip_deq.data import read_molecule_npz
 from nequip_deq.integrations.ase import check_elements, load_calculator
 from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, SCHEMES
@@ -40,6 +40,12 @@ def load_structure(spec: str) -> Atoms:
     bundled npz file."""
     path = Path(spec)
     if not path.is_file():
+        if path.parent != Path(".") or not (BUNDLED_DATA_DIR / spec).is_file():
+            available = sorted(p.name for p in BUNDLED_DATA_DIR.glob("*.npz"))
+            raise FileNotFoundError(
+                f"structure {spec!r}: no such file, and not the name of a bundled structure "
+                f"(those are {available})."
+            )
         path = Path(bundled_data_path(spec))
     if path.suffix == ".npz":
         atoms = read_molecule_npz(path, frames=[0])[0]
@@ -184,6 +190,16 @@ def main(argv=None):
                         help="variational DEQs: shadow dynamics, no solve after the first steps "
                         "(DEQCalculator; docs/deq.md)")
     args = parser.parse_args(argv)
+    for name, value, least in (("steps", args.steps, 1), ("write-every", args.write_every, 1),
+                               ("print-every", args.print_every, 0)):
+        if value < least:
+            parser.error(f"--{name} {value}: must be at least {least}")
+    if not Path(args.model).exists():
+        parser.error(f"model {args.model}: no such file")
+    try:  # before the model: a mistyped path fails at once
+        atoms = load_structure(args.structure)
+    except FileNotFoundError as e:
+        parser.error(str(e))
 
     calc = load_calculator(args.model, args.device, args.extrapolation, args.tolerance, args.shadow)
     limits = getattr(calc, "solver_limits", None)
@@ -191,7 +207,6 @@ def main(argv=None):
         print(f"DEQ solver: forward tolerance {limits['f_tol']:g} (cap {limits['f_max_iter']} "
               f"iterations), adjoint {limits['b_tol']:g} (cap {limits['b_max_iter']}); a solve "
               "that ends above its tolerance is reported with its step")
-    atoms = load_structure(args.structure)
     check_elements(atoms, calc)
     give_molecule_a_cell(atoms)
     summary = run_md(

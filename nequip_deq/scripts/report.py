@@ -23,9 +23,13 @@ from nequip_deq.scripts.md import DEFAULT_STRUCTURE, give_molecule_a_cell
 
 def predict(calculator, frames):
     """Energies ``(F,)`` and forces ``(F, N, 3)`` of ``calculator`` on ``frames``, and the
-    frames' reference values."""
+    frames' reference values. Test frames are not a trajectory: a DEQ solves every frame from
+    a cold start (a warm start from an unrelated frame would make the result depend on the
+    frames' order, within the solver tolerance, and cost iterations)."""
     ref_e, ref_f, pred_e, pred_f = [], [], [], []
+    cold_start = getattr(calculator, "reset_state", lambda: None)
     for atoms in frames:
+        cold_start()
         ref_e.append(atoms.get_potential_energy())
         ref_f.append(atoms.get_forces())
         atoms = atoms.copy()
