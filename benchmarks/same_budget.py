@@ -61,7 +61,7 @@ LABELS = {
     "deq_tight": "DEQ, train_tol null (model tolerances)",
     "deq_penalty4": "DEQ, Jacobian penalty every 4th step",
     "deq_no_penalty": "DEQ, no Jacobian penalty",
-    "equiformer_v2": "EquiformerModel, EquiformerV2 blocks (l_max 3)",
+    "equiformer_v2": "EquiformerModel, 3 EquiformerV2 blocks (l_max 3)",
     "deq_v2": "DEQ, one EquiformerV2 block (l_max 3)",
     "equiformer_v2_1": "EquiformerModel, 1 EquiformerV2 block",
     "equiformer_v2_2": "EquiformerModel, 2 EquiformerV2 blocks",
