@@ -192,7 +192,7 @@ def test_v2_mirror_images_have_equal_energies_only_with_parity():
         ({"m_max": 4}, r"`m_max=4` must be an integer in 1..l_max=3"),
         ({"m_max": 0}, r"`m_max=0`"),
         ({"block_type": "v3"}, r"`block_type='v3'` is unknown"),
-        ({"block_type": "v1", "s2_activation": True}, r"`s2_activation=True` needs `block_type=v2`"),
+        ({"block_type": "v1", "m_max": None, "s2_activation": True}, r"`s2_activation=True` applies to v2 blocks only"),
     ],
 )
 def test_v2_configuration_errors_name_the_fix(overrides, message):
