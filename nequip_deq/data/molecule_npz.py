@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import ase
 import ase.units
-
 import numpy as np
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -68,6 +67,10 @@ def detect_layout(path, keys: Sequence[str]) -> Dict[str, str]:
     )
 
 
+# what numpy raises for a file that is not an npz, or a truncated or corrupt one
+_UNREADABLE = (OSError, ValueError, zipfile.BadZipFile, EOFError)
+
+
 def read_molecule_npz(
     path: Union[str, Path],
     energy_unit: str = "kcal/mol",
@@ -96,7 +99,7 @@ def read_molecule_npz(
         layout = detect_layout(path, list(npz.keys()))
         try:
             arrays = {name: np.asarray(npz[key]) for name, key in layout.items()}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        except _UNREADABLE as e:
             _fail(path, None, f"an array cannot be read ({type(e).__name__}: {e}); the file is corrupt")
     z, R, E, F = arrays["z"], arrays["R"], arrays["E"], arrays["F"]
 
@@ -134,7 +137,7 @@ def num_frames(path: Union[str, Path]) -> int:
         layout = detect_layout(path, list(npz.keys()))
         try:
             return int(npz[layout["R"]].shape[0])
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        except _UNREADABLE as e:
             _fail(path, layout["R"], f"cannot be read ({type(e).__name__}: {e}); the file is corrupt")
 
 
@@ -149,7 +152,7 @@ def _open_npz(path):
     """``np.load`` of an npz file, or :class:`InvalidDataFile` saying that it is not one."""
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except _UNREADABLE as e:
         _fail(path, None, f"not a readable npz file ({type(e).__name__}: {e})")
 
 
