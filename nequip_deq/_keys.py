@@ -12,6 +12,15 @@ DEQ_ADJOINT_STATE_KEY: Final[str] = "deq_adjoint_state"
 # model's f_tol / b_tol (an input of models compiled for ase_deq: DEQCalculator(tolerance=...))
 DEQ_TOLERANCE_KEY: Final[str] = "deq_tolerance"
 
+# training only (nequip_deq.train passes and reads them; the model needs none of them):
+# graph field, (num_frames,) bool, input: compute the Jacobian penalty in this training call (a
+# model built with ``jacobian_penalty: true``); 0-dim output: the penalty, with its graph
+DEQ_PENALTY_STEP_KEY: Final[str] = "deq_jacobian_penalty_step"
+DEQ_JACOBIAN_PENALTY_KEY: Final[str] = "deq_jacobian_penalty"
+# graph field, (num_frames, 2), output of a training call: iterations and relative residual of
+# the implicit gradient's backward solve, written when the backward pass runs (zeros before)
+DEQ_BACKWARD_STATISTICS_KEY: Final[str] = "deq_backward_statistics"
+
 # graph fields, (num_frames,): solver statistics of this call
 SOLVER_ITERATIONS_KEY: Final[str] = "deq_iterations"  # forward fixed-point iterations
 SOLVER_RESIDUAL_KEY: Final[str] = "deq_residual"  # final relative residual of the forward solve

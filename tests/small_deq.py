@@ -102,16 +102,20 @@ def with_state_cache(model, **kwargs):
 
 def loss_gradient_errors(model, data, names, rng, eps=1e-5):
     """Relative errors of d(force loss)/d(theta) in training mode against central differences
-    of the converged (evaluation-mode) loss, one random entry of each named parameter."""
+    of the converged (evaluation-mode) loss, one random entry of each named parameter, and the
+    training call's outputs (after its backward pass)."""
     target = torch.randn(data[AtomicDataDict.POSITIONS_KEY].shape, dtype=torch.float64)
+    outputs = {}
 
     def loss():
         out = model(dict(data))
+        outputs.update(out)
         return (out[AtomicDataDict.FORCE_KEY] - target).square().mean()
 
     params = dict(model.named_parameters())
     model.train()
     grads = torch.autograd.grad(loss(), [params[n] for n in names])
+    trained = dict(outputs)
     model.eval()
     errors = []
     for name, grad in zip(names, grads):
@@ -127,7 +131,7 @@ def loss_gradient_errors(model, data, names, rng, eps=1e-5):
             flat[idx] += eps
         numeric = (up - down) / (2 * eps)
         errors.append(abs(float(grad.view(-1)[idx]) - numeric) / max(abs(numeric), 1e-8))
-    return errors
+    return errors, trained
 
 
 # parameters of the encoder, of f (attention, radial MLP, feed-forward, LayerScale) and of

@@ -8,7 +8,13 @@ import torch
 
 from nequip.data import AtomicDataDict
 
-from nequip_deq._keys import FRAME_INDEX_KEY
+from nequip_deq._keys import (
+    DEQ_BACKWARD_STATISTICS_KEY,
+    DEQ_JACOBIAN_PENALTY_KEY,
+    DEQ_PENALTY_STEP_KEY,
+    DEQ_TOLERANCE_KEY,
+    FRAME_INDEX_KEY,
+)
 from nequip_deq.train.fixed_point_store import FixedPointStore
 
 from small_deq import (
@@ -40,17 +46,17 @@ def test_implicit_training_gradient_matches_finite_differences():
     data = graph(rattled("CH3CH2OH", 3))
     model = build("float64", f_tol=1e-11, b_tol=1e-11, f_max_iter=300, b_max_iter=300)
     assert deq_layer(model).train_implicit and deq_layer(model).grad_tol == 1e-6
-    errors = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
+    errors, out = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
     assert np.median(errors) <= 1e-4 and max(errors) <= 1e-3, errors
     # the backward solve reports its statistics (logged by nequip_deq.train)
-    stats = deq_layer(model).last_backward_statistics
-    assert int(stats["iterations"][0]) > 1 and float(stats["residual"][0]) <= 1e-6
+    stats = out["deq_backward_statistics"]
+    assert int(stats[0, 0]) > 1 and float(stats[0, 1]) <= 1e-6, stats
 
     unrolled = build(
         "float64", f_tol=1e-11, b_tol=1e-11, f_max_iter=300, b_max_iter=300,
         train_gradient="unroll", train_unroll_steps=3,
     )
-    errors = loss_gradient_errors(unrolled, data, SPREAD, np.random.default_rng(0))
+    errors, out = loss_gradient_errors(unrolled, data, SPREAD, np.random.default_rng(0))
     assert np.median(errors) > 1e-3, errors
 
 
@@ -75,6 +81,37 @@ def test_implicit_gradient_holds_in_a_parameter_pass_that_records_a_graph():
         recorded = gradient(True)
     for a, b in zip(plain, recorded):
         torch.testing.assert_close(b.detach(), a, atol=1e-10, rtol=1e-7)
+
+
+def test_training_settings_are_inputs_and_statistics_are_outputs():
+    """What nequip_deq.train passes and reads goes through the call, not through the layer's
+    attributes: the Jacobian penalty is computed (with a graph) only in calls that ask for it,
+    a call's ``deq_tolerance`` is also the tolerance of the training gradient's backward solve,
+    whose iterations and residual the backward pass writes into ``deq_backward_statistics``."""
+    model = build("float64", jacobian_penalty=True)
+    model.train()
+    data = graph(rattled("CH3CH2OH", 2))
+    layer_settings = dict(vars(deq_layer(model)))
+
+    def train_call(**inputs):
+        out = model({**data, **inputs})
+        out[AtomicDataDict.FORCE_KEY].square().sum().backward()
+        return out
+
+    plain = train_call()
+    assert DEQ_JACOBIAN_PENALTY_KEY not in plain
+    stats = plain[DEQ_BACKWARD_STATISTICS_KEY]
+    assert stats.shape == (1, 2) and int(stats[0, 0]) > 1 and 0 < float(stats[0, 1]) <= 1e-6
+    asked = train_call(**{
+        DEQ_PENALTY_STEP_KEY: torch.ones(1, dtype=torch.bool),
+        DEQ_TOLERANCE_KEY: torch.full((1, 2), 1e-3, dtype=torch.float64),
+    })
+    penalty = asked[DEQ_JACOBIAN_PENALTY_KEY]
+    assert penalty.dim() == 0 and penalty.requires_grad and float(penalty.detach()) > 0
+    loose = asked[DEQ_BACKWARD_STATISTICS_KEY]
+    assert 1e-6 < float(loose[0, 1]) <= 1e-3 and int(loose[0, 0]) < int(stats[0, 0]), (loose, stats)
+    assert float(asked["deq_residual"][0]) <= 1e-3 < 10 * float(asked["deq_residual"][0])
+    assert {k: v for k, v in vars(deq_layer(model)).items() if k in layer_settings} == layer_settings
 
 
 def test_forces_in_training_are_the_evaluation_forces():

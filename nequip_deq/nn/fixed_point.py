@@ -232,9 +232,10 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         train_gradient: ``implicit`` or ``unroll``
         train_unroll_steps: refinement steps of ``unroll`` (and K of ``phantom``)
         grad_tol, grad_max_iter: tolerance and cap of the implicit gradient's backward solve
-        jacobian_penalty: in training, also compute a Hutchinson estimate of
-            :math:`\\|\\partial f/\\partial z\\|_F^2 / \\dim z` at :math:`z^*` (kept, with its
-            graph, in ``last_jacobian_penalty`` for a Jacobian-regularisation loss)
+        jacobian_penalty: in a training call whose ``deq_jacobian_penalty_step`` input is true,
+            also compute a Hutchinson estimate of
+            :math:`\\|\\partial f/\\partial z\\|_F^2 / \\dim z` at :math:`z^*` and return it,
+            with its graph, as ``deq_jacobian_penalty`` (for a Jacobian-regularisation loss)
         force_pass: whether the model differentiates the energy for forces inside its
             forward (nequip's force output: the builder's ``do_derivatives``); in training,
             the implicit gradient passes nothing to that first backward pass
@@ -242,9 +243,6 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
     """
 
     variational = False  # whether the fixed point minimises the energy (nn.variational)
-    # training-only outputs (eager), read by nequip_deq.train
-    last_jacobian_penalty: Optional[torch.Tensor]
-    last_backward_statistics: Optional[Dict[str, torch.Tensor]]
 
     def __init__(
         self,
@@ -304,8 +302,6 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         self.grad_max_iter = int(grad_max_iter)
         self.jacobian_penalty = bool(jacobian_penalty)
         self.force_pass = bool(force_pass)
-        self.last_jacobian_penalty = None
-        self.last_backward_statistics = None
         self.state_cache = DEQStateCache(0, irreps.dim, torch.get_default_dtype())
 
     @torch.jit.unused
@@ -518,7 +514,7 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         )
 
         if eager and self.training and self.jacobian_penalty:
-            self._store_jacobian_penalty(data, x_hat, weights, z_star)
+            self._jacobian_penalty_output(data, x_hat, weights, z_star)
         unchecked = not eager and _keys.DEQ_STATE_KEY not in data  # no caller checks the solves
         if use_cache or unchecked:
             finite, converged = _solved(z_star, v_star, per_atom, f_res, b_res, f_tol, b_tol)
@@ -619,18 +615,37 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         """:math:`(z^*, v^*)` with the parameter dependence the force loss needs
         (``train_gradient``; see :mod:`~nequip_deq.nn.training_gradients`)."""
         if self.train_implicit:
+            tol, statistics = self._backward_solve_settings(data, num_frames, floor)
             return attach_implicit_gradient(
-                self, data, x_hat, z, v, batch, num_frames, max(self.grad_tol, floor),
-                self.grad_max_iter,
+                self, data, x_hat, z, v, batch, num_frames, tol, self.grad_max_iter, statistics
             )
         return unroll(self, z, v, data, x_hat, weights, self.train_unroll_steps)
 
     @torch.jit.unused
-    def _store_jacobian_penalty(
+    def _backward_solve_settings(
+        self, data: AtomicDataDict.Type, num_frames: int, floor: float
+    ) -> Tuple[float, torch.Tensor]:
+        """The training gradient's backward solve: its tolerance (``grad_tol``, or the call's
+        adjoint tolerance when ``deq_tolerance`` is given, e.g. by ``train_tol``) and the
+        ``deq_backward_statistics`` output ``(num_frames, 2)`` it fills when it runs."""
+        tol = self.grad_tol
+        if _keys.DEQ_TOLERANCE_KEY in data:
+            tol = float(data[_keys.DEQ_TOLERANCE_KEY].reshape(-1, 2)[:, 1].max())
+        device = data[AtomicDataDict.NODE_FEATURES_KEY].device
+        statistics = torch.zeros(num_frames, 2, dtype=torch.float64, device=device)
+        data[_keys.DEQ_BACKWARD_STATISTICS_KEY] = statistics
+        return max(tol, floor), statistics
+
+    @torch.jit.unused
+    def _jacobian_penalty_output(
         self,
         data: AtomicDataDict.Type,
         x_hat: torch.Tensor,
         weights: List[torch.Tensor],
         z_star: torch.Tensor,
     ) -> None:
-        self.last_jacobian_penalty = jacobian_penalty(self, data, x_hat, weights, z_star)
+        """``deq_jacobian_penalty`` (0-dim, with its graph) when the call asks for it
+        (``deq_jacobian_penalty_step``)."""
+        wanted = data.get(_keys.DEQ_PENALTY_STEP_KEY)
+        if wanted is not None and bool(wanted.any()):
+            data[_keys.DEQ_JACOBIAN_PENALTY_KEY] = jacobian_penalty(self, data, x_hat, weights, z_star)

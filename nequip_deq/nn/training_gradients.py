@@ -125,11 +125,12 @@ def attach_implicit_gradient(
     num_frames: int,
     tol: float,
     max_iter: int,
+    statistics: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:math:`(z^*, v^*)` as functions of the parameters and :math:`\\hat x` (through
     :class:`ImplicitTrainingGradient`). ``layer`` is the DEQ layer (``f``, ``energy``,
-    ``edge_weights``, ``force_pass``); it receives the backward solve's statistics in
-    ``last_backward_statistics`` (iterations and residual per frame)."""
+    ``edge_weights``, ``force_pass``); the backward solve writes its iterations and residual
+    per frame into ``statistics`` ``(num_frames, 2)`` when it runs."""
     params = [p for p in layer.parameters() if p.requires_grad]
     geometry = {k: v.detach() for k, v in data.items()}
     x_fixed = x_hat.detach()
@@ -147,10 +148,17 @@ def attach_implicit_gradient(
             layer, geometry, x_fixed, params, z_fixed, v_fixed, a, batch, num_frames, tol,
             max_iter,
         )
-        layer.last_backward_statistics = {"iterations": iters, "residual": res}
+        record_statistics(statistics, iters, res)
         return grads
 
     return ImplicitTrainingGradient.apply(solve, int(layer.force_pass), z_fixed, v_fixed, x_hat, *params)
+
+
+def record_statistics(statistics: torch.Tensor, iters: torch.Tensor, res: torch.Tensor) -> None:
+    """Write a backward solve's iterations and residuals ``(num_frames,)`` into the call's
+    ``statistics`` output ``(num_frames, 2)`` (a tensor outside autograd, filled in place)."""
+    statistics[:, 0] = iters.to(statistics.dtype)
+    statistics[:, 1] = res.detach().to(statistics.dtype)
 
 
 def backward_solve(
@@ -206,10 +214,12 @@ def attach_minimiser_gradient(
     num_frames: int,
     tol: float,
     max_iter: int,
+    statistics: torch.Tensor,
 ) -> torch.Tensor:
     """:math:`z^*` of a variational layer (``potential``, ``edge_weights``, ``force_pass``) as a function of
     the parameters and :math:`\\hat x`, with the Hessian solve of the module docstring in its
-    backward; the solve's statistics go to ``layer.last_backward_statistics``."""
+    backward; the solve writes its statistics into ``statistics`` as
+    :func:`attach_implicit_gradient`'s does."""
     params = [p for p in layer.parameters() if p.requires_grad]
     geometry = {k: v.detach() for k, v in data.items()}
     x_fixed, z_fixed = x_hat.detach(), z_star.detach()
@@ -228,7 +238,7 @@ def attach_minimiser_gradient(
 
         u, iters, res = conjugate_gradient(hessian_product, grad_z, batch, num_frames, tol, max_iter)
         check_solution("implicit-gradient Hessian solve", u, iters, res, tol)
-        layer.last_backward_statistics = {"iterations": iters, "residual": res}
+        record_statistics(statistics, iters, res)
         return list(torch.autograd.grad([gradient], [x] + params, [-u], allow_unused=True))
 
     z, _ = ImplicitTrainingGradient.apply(

@@ -278,9 +278,10 @@ class VariationalDEQLayer(DEQEquiformerLayer):
         no_adjoint = torch.zeros(num_frames, dtype=torch.long, device=z_star.device)
         no_adjoint_state = torch.zeros_like(z_star)
         if self.training:
+            tol, statistics = self._backward_solve_settings(data, num_frames, floor)
             z = attach_minimiser_gradient(
-                self, data, x_hat, z_star.detach(), batch, num_frames, max(self.grad_tol, floor),
-                self.grad_max_iter,
+                self, data, x_hat, z_star.detach(), batch, num_frames, tol, self.grad_max_iter,
+                statistics,
             )
             per_atom = _TotalEnergyGradientOnly.apply(self.potential(z, data, x_hat, weights), batch)
             return per_atom, z_star, f_res, no_adjoint_state, no_adjoint, no_adjoint.to(z_star.dtype)

@@ -9,8 +9,13 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.train import EMALightningModule, NequIPLightningModule
 
-from .._keys import SOLVER_STATISTICS
-from ..nn.fixed_point import DEQEquiformerLayer
+from .._keys import (
+    DEQ_BACKWARD_STATISTICS_KEY,
+    DEQ_JACOBIAN_PENALTY_KEY,
+    DEQ_PENALTY_STEP_KEY,
+    DEQ_TOLERANCE_KEY,
+    SOLVER_STATISTICS,
+)
 from .fixed_point_store import FixedPointStore
 
 
@@ -38,6 +43,11 @@ class _DEQTraining:
       training steps only (validation, test and the trained model keep the model's ``f_tol``,
       ``b_tol``, ``grad_tol``): looser solves make training steps cheaper; the gradient is then
       exact to that tolerance.
+
+    Nothing is changed on the model: a training batch carries these settings as inputs
+    (``deq_tolerance``, ``deq_jacobian_penalty_step``), and the model returns what is logged
+    and added to the loss as outputs (``deq_jacobian_penalty``; ``deq_backward_statistics``,
+    filled by the backward pass).
     """
 
     def _init_deq(
@@ -67,6 +77,7 @@ class _DEQTraining:
         self.fixed_point_store = FixedPointStore() if warm_start_training else None
         self._warned_no_frame_index = False
         self._deq_output = None
+        self._backward_statistics = None
 
     def forward(self, inputs: AtomicDataDict.Type):
         out = super().forward(inputs)
@@ -97,64 +108,57 @@ class _DEQTraining:
                     "field, so every training solve starts cold. nequip_deq.data.MD17DataModule "
                     "adds it; with another data module, add a per-frame integer `frame_index`."
                 )
-        layers = [m for m in self.model.modules() if isinstance(m, DEQEquiformerLayer)]
-        saved = [(m.f_tol, m.b_tol, m.grad_tol, m.jacobian_penalty) for m in layers]
         penalty_step = (
             self.jacobian_penalty_weight > 0
             and self.global_step % self.jacobian_penalty_every == 0
         )
-        for m in layers:
-            if self.train_tol is not None:
-                m.f_tol = m.b_tol = m.grad_tol = self.train_tol
-            m.jacobian_penalty = m.jacobian_penalty and penalty_step
-        try:
-            loss = super().training_step(batch, batch_idx, dataloader_idx)
-        finally:
-            for m, settings in zip(layers, saved):
-                m.f_tol, m.b_tol, m.grad_tol, m.jacobian_penalty = settings
+        self._training_inputs(batch, penalty_step)
+        loss = super().training_step(batch, batch_idx, dataloader_idx)
         output = self._deq_output
+        self._deq_output = None
         if store is not None:
             store.remember(batch, output)
         self._log_deq("train", output)
+        self._backward_statistics = output.get(DEQ_BACKWARD_STATISTICS_KEY)
         if penalty_step:
-            penalties = [
-                m.last_jacobian_penalty
-                for m in self.model.modules()
-                if isinstance(m, DEQEquiformerLayer) and m.last_jacobian_penalty is not None
-            ]
-            if not penalties:
+            if DEQ_JACOBIAN_PENALTY_KEY not in output:
                 raise RuntimeError(
                     "`jacobian_penalty_weight > 0` but the model computed no Jacobian penalty: "
                     "build DEQEquiformerModel with `jacobian_penalty: true`."
                 )
-            penalty = torch.stack(penalties).sum()
-            for m in self.model.modules():
-                if isinstance(m, DEQEquiformerLayer):
-                    m.last_jacobian_penalty = None
+            penalty = output[DEQ_JACOBIAN_PENALTY_KEY]
             self.log("train_deq/jacobian_penalty", penalty.detach())
             loss = loss + self.jacobian_penalty_weight * penalty * self.world_size
         if self.jacobian_penalty_weight > 0:
             # which steps computed it (between them the logged penalty keeps its last value)
             self.log("train_deq/jacobian_penalty_step", float(penalty_step))
-        self._deq_output = None
         return loss
+
+    def _training_inputs(self, batch: AtomicDataDict.Type, penalty_step: bool) -> None:
+        """The training-step settings, as inputs of the model: ``train_tol`` as the call's
+        tolerances, and whether this step computes the Jacobian penalty."""
+        num_frames = AtomicDataDict.num_frames(batch)
+        pos = batch[AtomicDataDict.POSITIONS_KEY]
+        if self.train_tol is not None:
+            batch[DEQ_TOLERANCE_KEY] = torch.full(
+                (num_frames, 2), self.train_tol, dtype=pos.dtype, device=pos.device
+            )
+        batch[DEQ_PENALTY_STEP_KEY] = torch.full(
+            (num_frames,), penalty_step, dtype=torch.bool, device=pos.device
+        )
 
     def on_after_backward(self) -> None:
         super().on_after_backward()
-        for m in self.model.modules():
-            if isinstance(m, DEQEquiformerLayer) and m.last_backward_statistics is not None:
-                stats = m.last_backward_statistics
-                m.last_backward_statistics = None
-                iters = stats["iterations"].detach().to(torch.float64)
-                res = stats["residual"].detach().to(torch.float64)
-                self.log_dict(
-                    {
-                        "train_deq/deq_backward_iterations": iters.mean(),
-                        "train_deq/deq_backward_residual": res.mean(),
-                        "train_deq/max_deq_backward_residual": res.max(),
-                    },
-                    batch_size=int(iters.numel()),
-                )
+        stats, self._backward_statistics = self._backward_statistics, None
+        if stats is not None:  # the implicit gradient's backward solve (written by it)
+            self.log_dict(
+                {
+                    "train_deq/deq_backward_iterations": stats[:, 0].mean(),
+                    "train_deq/deq_backward_residual": stats[:, 1].mean(),
+                    "train_deq/max_deq_backward_residual": stats[:, 1].max(),
+                },
+                batch_size=int(stats.shape[0]),
+            )
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         result = super().validation_step(batch, batch_idx, dataloader_idx)
