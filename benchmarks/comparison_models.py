@@ -3,7 +3,7 @@
 
 - ``deq``: the trained DEQ checkpoint given on the command line;
 - ``explicit6`` (any ``explicit<N>``): EquiformerModel with 6 (N) blocks of the DEQ's width
-  (its ``irreps_node_features`` and every other architecture setting), and ``nequip``: nequip's NequIPGNNModel with the same
+  (every architecture argument of the DEQ: block type, ``irreps_node_features`` ...), and ``nequip``: nequip's NequIPGNNModel with the same
   irreps (4 layers, ``l_max`` 2, ``parity: false``, ``num_features`` per degree). Both are
   trained for one epoch on 10 frames: their *cost* per call is what the speed benchmarks use
   (it does not depend on the weights); the drift benchmark uses trained models instead.
@@ -11,6 +11,7 @@
 Used by ``md_speed.py``, ``shadow_speed.py``, ``size_scaling.py`` and ``nve_drift.py``.
 """
 
+import inspect
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 from e3nn.o3 import Irreps
+
+from nequip_deq.model.architecture import EquiformerArchitecture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +41,9 @@ def _timing_config(deq_checkpoint: Path, kind: str) -> dict:
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "ModelCheckpoint" in c["_target_"]]
     model = cfg["training_module"]["model"]
     if kind.startswith("explicit"):
-        shared = {k: v for k, v in deq.items() if k in model and k != "_target_"}
+        # every architecture argument of the DEQ (block type, irreps, ...), none of its own
+        architecture = inspect.signature(EquiformerArchitecture.__init__).parameters
+        shared = {k: v for k, v in deq.items() if k in architecture and k != "self"}
         model.update(shared, num_layers=int(kind[len("explicit"):]))
     else:
         irreps = Irreps(deq["irreps_node_features"])

@@ -20,7 +20,9 @@ Models (``--models``, in this order by default):
   (:data:`V2_BLOCKS`: 16 channels of every degree up to l_max 3, m_max 2, separable layer norm;
   docs/equiformer_v2.md); ``equiformer_v2_1`` / ``equiformer_v2_2``: the explicit one with 1 / 2
   blocks instead of 3;
-- ``deq_v2_variational``: ``deq_v2`` with ``fixed_point: variational`` (docs/deq.md).
+- ``deq_v2_variational``: ``deq_v2`` with ``fixed_point: variational`` (docs/deq.md);
+  ``deq_v2_linear`` / ``deq_v2_variational_linear``: the two DEQs with ``readout_block:
+  false`` (the energy from a linear map of the state's scalars, no output block).
 
 Every run prints a line per epoch; at the end the script prints a table of test energy and
 force MAE, epochs and seconds per epoch, and writes validation force MAE against training time
@@ -66,6 +68,8 @@ LABELS = {
     "equiformer_v2_1": "EquiformerModel, 1 EquiformerV2 block",
     "equiformer_v2_2": "EquiformerModel, 2 EquiformerV2 blocks",
     "deq_v2_variational": "variational DEQ, one EquiformerV2 block",
+    "deq_v2_linear": "DEQ, one EquiformerV2 block, linear readout",
+    "deq_v2_variational_linear": "variational DEQ, one EquiformerV2 block, linear readout",
 }
 EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
 
@@ -98,8 +102,10 @@ def config(name: str, args) -> dict:
             model.pop(v1_only, None)
         if name.startswith("equiformer_v2_"):
             model["num_layers"] = int(name.rsplit("_", 1)[1])
-        if name == "deq_v2_variational":
+        if name.startswith("deq_v2_variational"):
             model["fixed_point"] = "variational"
+        if name.endswith("_linear"):
+            model["readout_block"] = False
     elif name == "deq_cold":
         cfg["training_module"]["warm_start_training"] = False
     elif name == "deq_tight":

@@ -23,11 +23,14 @@ from small_deq import (
 )
 
 
-@pytest.mark.parametrize("dtype, eps, atol", [("float64", 1e-4, 1e-6), ("float32", 1e-2, 2e-3)])
-def test_forces_are_minus_dE_dx(dtype, eps, atol):
+@pytest.mark.parametrize(
+    "dtype, eps, atol, readout_block",
+    [("float64", 1e-4, 1e-6, True), ("float32", 1e-2, 2e-3, True), ("float64", 1e-4, 1e-6, False)],
+)
+def test_forces_are_minus_dE_dx(dtype, eps, atol, readout_block):
     """Central differences of the reported energy equal the reported forces: the fixed point
-    moves with the atoms and the adjoint accounts for it."""
-    model = build(dtype)
+    moves with the atoms and the adjoint accounts for it (also with the linear readout)."""
+    model = build(dtype, readout_block=readout_block)
     data = graph(rattled("CH3CHO", 0))
     out = model(dict(data))
     assert int(out["deq_iterations"][0]) > 5  # it really iterates
@@ -192,6 +195,7 @@ def test_callers_that_check_nothing_get_an_error_not_inexact_forces():
         ({"num_deq_layers": 0}, ["num_deq_layers=0"]),
         ({"norm_eps": 0.0}, ["norm_eps=0.0"]),
         ({"branch_scale": -1.0}, ["branch_scale=-1.0"]),
+        ({"readout_block": "no"}, ["readout_block='no'", "true or false"]),
         ({"num_heads": 3}, ["num_heads=3", "does not divide"]),
     ],
 )

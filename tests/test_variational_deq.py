@@ -54,10 +54,12 @@ def potential_at(model, data):
     return layer, lambda z: layer.potential(z, d, x_hat, weights).sum()
 
 
-def test_forces_are_minus_dE_dx_without_an_adjoint():
+@pytest.mark.parametrize("readout_block", [True, False])
+def test_forces_are_minus_dE_dx_without_an_adjoint(readout_block):
     """Central differences of the energy equal the forces; the model iterates, runs no
-    adjoint, and its energy is the potential at the returned state."""
-    model = vbuild()
+    adjoint, and its energy is the potential at the returned state; with the output block in
+    the readout and with the linear readout of the state's scalars."""
+    model = vbuild(readout_block=readout_block)
     data = graph(rattled("CH3CHO", 0))
     out = model(dict(data))
     assert isinstance(deq_layer(model), variational.VariationalDEQLayer)
@@ -71,10 +73,11 @@ def test_forces_are_minus_dE_dx_without_an_adjoint():
     assert abs(energy - float(out[AtomicDataDict.TOTAL_ENERGY_KEY].detach())) < 1e-10
 
 
-def test_fixed_point_is_a_minimum():
+@pytest.mark.parametrize("readout_block", [True, False])
+def test_fixed_point_is_a_minimum(readout_block):
     """At the returned state the gradient of the potential vanishes and the potential rises
     along random directions, by ½ε² uᵀHu with uᵀHu > 0 (Hessian-vector products)."""
-    model = vbuild()
+    model = vbuild(readout_block=readout_block)
     data = graph(rattled("CH3CH2OH", 1))
     z_star = model(dict(data))["deq_state"].detach()
     _, phi = potential_at(model, data)
@@ -167,12 +170,12 @@ def test_training_gradient_matches_finite_differences(monkeypatch):
     Without it (the minimiser held constant) the gradient is wrong."""
     model = vbuild()
     data = graph(rattled("CH3CH2OH", 3))
-    errors = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
+    errors, out = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
     assert np.median(errors) <= 1e-4 and max(errors) <= 1e-3, errors
-    stats = deq_layer(model).last_backward_statistics
-    assert int(stats["iterations"][0]) > 1 and float(stats["residual"][0]) <= 1e-6
+    stats = out["deq_backward_statistics"]
+    assert int(stats[0, 0]) > 1 and float(stats[0, 1]) <= 1e-6, stats
     monkeypatch.setattr(variational, "attach_minimiser_gradient", lambda layer, data, x_hat, z, *args: z)
-    errors = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
+    errors, out = loss_gradient_errors(model, data, SPREAD, np.random.default_rng(0))
     assert np.median(errors) > 1e-3, errors
 
 

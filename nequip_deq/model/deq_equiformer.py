@@ -3,8 +3,14 @@
 from typing import Optional
 
 from nequip.model import model_builder
+from nequip.nn import AtomwiseLinear
 
-from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY, DEQ_TOLERANCE_KEY
+from nequip_deq._keys import (
+    DEQ_ADJOINT_STATE_KEY,
+    DEQ_PENALTY_STEP_KEY,
+    DEQ_STATE_KEY,
+    DEQ_TOLERANCE_KEY,
+)
 from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
 from nequip_deq.nn.graph_model import EagerForTrainTimeCompile
 from nequip_deq.nn.injection import INJECTIONS
@@ -80,6 +86,7 @@ def check_deq_args(
 def DEQEquiformerModel(
     fixed_point: str = "lagrangian",
     stiffness: float = 10.0,
+    readout_block: bool = True,
     num_deq_layers: int = 1,
     injection: str = "add",
     branch_scale: Optional[float] = 0.1,
@@ -121,6 +128,11 @@ def DEQEquiformerModel(
         stiffness (float): variational only: :math:`\\kappa`, the weight of the latent
             state's norm in the energy (default 10); the readout's curvature in the state must
             stay below it for the minimum to be unique and the iteration to converge
+        readout_block (bool): the energy readout starts with an output block (an Equiformer
+            block to ``num_output_features`` scalars, as in :func:`EquiformerModel`; default
+            ``True``) or, with ``False``, with a linear map of the state's scalar channels.
+            The variational potential runs its readout at every solver iteration and every
+            shadow step, so without the block those cost one block less (one block in all)
         num_deq_layers (int): Equiformer blocks inside :math:`f` (default 1)
         injection (str): ``add`` (default; added to :math:`z` and rescaled to the
             injection's norm) or ``concat`` (linear map of :math:`[z, x]`)
@@ -150,8 +162,9 @@ def DEQEquiformerModel(
         grad_tol (float): relative residual tolerance of the implicit gradient's backward
             solve (default 1e-6; floored at 2e-6 in float32)
         grad_max_iter (int): iteration cap of that solve (default 80)
-        jacobian_penalty (bool): output ``deq_jacobian_penalty`` in training, for the
-            Jacobian-regularisation loss of :class:`nequip_deq.train.DEQLightningModule`
+        jacobian_penalty (bool): output ``deq_jacobian_penalty`` in the training calls that
+            ask for it, for the Jacobian-regularisation loss of
+            :class:`nequip_deq.train.DEQLightningModule`
     """
     check_deq_args(
         num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
@@ -161,12 +174,20 @@ def DEQEquiformerModel(
     arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs, DEQEquiformerModel.builder_args)
     modules = arch.encoder(
         extra_inputs={
-            DEQ_STATE_KEY: arch.irreps, DEQ_ADJOINT_STATE_KEY: arch.irreps, DEQ_TOLERANCE_KEY: None
+            DEQ_STATE_KEY: arch.irreps,
+            DEQ_ADJOINT_STATE_KEY: arch.irreps,
+            DEQ_TOLERANCE_KEY: None,
+            DEQ_PENALTY_STEP_KEY: None,
         }
     )
     encoded = modules["edge_degree_embed"].irreps_out
-    output_block = arch.output_block(encoded)
-    readout = [output_block] + list(arch.energy_readout(output_block.irreps_out).values())
+    if not isinstance(readout_block, bool):
+        raise InvalidModelConfig(f"`readout_block={readout_block!r}` must be true or false.")
+    if readout_block:
+        to_scalars = arch.output_block(encoded)
+    else:
+        to_scalars = AtomwiseLinear(irreps_in=encoded, irreps_out=f"{arch.num_output_features}x0e")
+    readout = [to_scalars] + list(arch.energy_readout(to_scalars.irreps_out).values())
     variational = {"stiffness": stiffness} if fixed_point == "variational" else {}
     modules["deq"] = FIXED_POINTS[fixed_point](
         **variational,
