@@ -21,7 +21,7 @@ import torch
 import yaml
 from e3nn.o3 import Irreps
 
-from nequip_deq.model.architecture import EquiformerArchitecture
+from nequip_deq.model.architecture import BLOCK_TYPE_ARGS, EquiformerArchitecture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,9 @@ def _timing_config(deq_checkpoint: Path, kind: str) -> dict:
         architecture = inspect.signature(EquiformerArchitecture.__init__).parameters
         shared = {k: v for k, v in deq.items() if k in architecture and k != "self"}
         model.update(shared, num_layers=int(kind[len("explicit"):]))
+        other = "v1" if model.get("block_type", "v1") == "v2" else "v2"
+        for name in BLOCK_TYPE_ARGS[other]:  # the quickstart's settings of the other block type
+            model.pop(name, None)
     else:
         irreps = Irreps(deq["irreps_node_features"])
         keep = ("seed", "model_dtype", "type_names", "r_max", "avg_num_neighbors",

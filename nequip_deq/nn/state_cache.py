@@ -119,7 +119,7 @@ class DEQStateCache(torch.nn.Module):
     @torch.jit.unused
     def describe(self) -> str:
         """One line for the user: capacity, states per atom, size."""
-        per_atom = 6 + 2 * self.aux_states.shape[0]
+        per_atom = sum(b.shape[0] for b in (self.states, self.adjoints, self.aux_states, self.aux_adjoints))
         return (
             f"DEQ state cache: {self.capacity} atoms x {per_atom} states of {self.width} numbers "
             f"({self.extrapolation} start) = {self.nbytes() / 2**20:.0f} MiB, in the compiled "
