@@ -58,8 +58,12 @@ from make_data import molecule_in_box, periodic_box  # noqa: E402
 
 
 def systems(grid: int):
-    """``{name: atoms}``: aspirin in a 30 Å box (not periodic) and the periodic box."""
-    return {"aspirin": molecule_in_box(), f"box of {grid ** 3} aspirin": periodic_box(grid=grid)}
+    """``{name: atoms}``: aspirin in a 30 Å box (not periodic) and the periodic box of
+    ``grid``³ molecules (none for ``grid`` 0)."""
+    found = {"aspirin": molecule_in_box()}
+    if grid > 0:
+        found[f"box of {grid ** 3} aspirin"] = periodic_box(grid=grid)
+    return found
 
 
 def ase_caller(calc):

@@ -89,8 +89,6 @@ def main(argv=None) -> int:
         makers[label] = lambda path=path: NequIPCalculator.from_compiled_model(path, **options)
     report = []
     for name, atoms in systems(args.box_grid).items():
-        if args.box_grid == 0 and name != "aspirin":
-            continue
         steps = args.steps if name == "aspirin" else args.box_steps
         if not atoms.pbc.any():
             atoms.pbc = False

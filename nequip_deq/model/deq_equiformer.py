@@ -24,7 +24,7 @@ FIXED_POINTS = {"lagrangian": DEQEquiformerLayer, "variational": VariationalDEQL
 def check_deq_args(
     num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
     gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
-    norm_eps, fixed_point="lagrangian", jacobian_penalty=False, stiffness=10.0,
+    norm_eps, fixed_point="lagrangian", jacobian_penalty=False, stiffness=10.0, readout_block=True,
 ) -> None:
     """Refuse solver settings the model cannot run with, naming the argument and the fix."""
     if not isinstance(num_deq_layers, int) or num_deq_layers < 1:
@@ -52,6 +52,8 @@ def check_deq_args(
                     f"supports `{name}={needed!r}` only (its forces need no adjoint, and its "
                     "training gradient is the Hessian solve)."
                 )
+    if not isinstance(readout_block, bool):
+        raise InvalidModelConfig(f"`readout_block={readout_block!r}` must be true or false.")
     if not stiffness > 0:
         raise InvalidModelConfig(f"`stiffness={stiffness}` must be > 0 (default 10).")
     if not 0.0 < damping <= 1.0:
@@ -169,7 +171,7 @@ def DEQEquiformerModel(
     check_deq_args(
         num_deq_layers, injection, damping, solver, f_tol, f_max_iter, b_tol, b_max_iter,
         gradient, train_gradient, train_unroll_steps, grad_tol, grad_max_iter, branch_scale,
-        norm_eps, fixed_point, jacobian_penalty, stiffness,
+        norm_eps, fixed_point, jacobian_penalty, stiffness, readout_block,
     )
     arch = EquiformerArchitecture.from_kwargs("DEQEquiformerModel", kwargs, DEQEquiformerModel.builder_args)
     modules = arch.encoder(
@@ -181,8 +183,6 @@ def DEQEquiformerModel(
         }
     )
     encoded = modules["edge_degree_embed"].irreps_out
-    if not isinstance(readout_block, bool):
-        raise InvalidModelConfig(f"`readout_block={readout_block!r}` must be true or false.")
     if readout_block:
         to_scalars = arch.output_block(encoded)
     else:
