@@ -22,11 +22,16 @@ Models (``--models``, in this order by default):
   blocks instead of 3;
 - ``deq_v2_variational``: ``deq_v2`` with ``fixed_point: variational`` (docs/deq.md);
   ``deq_v2_linear`` / ``deq_v2_variational_linear``: the two DEQs with ``readout_block:
-  false`` (the energy from a linear map of the state's scalars, no output block).
+  false`` (the energy from a linear map of the state's scalars, no output block);
+- ``deq_v2_jfb`` / ``deq_v2_jfb_loose`` / ``deq_v2_2layers`` / ``deq_v2_anderson``: ``deq_v2``
+  with the training gradient ``unroll`` at K = 0 (the Jacobian-free gradient: no backward
+  solve; forces stay exact) / the same with ``train_tol`` 1e-2 / two blocks inside ``f`` /
+  Anderson acceleration for the forward solve (:data:`V2_DEQ_LEVERS`).
 
 Every run prints a line per epoch; at the end the script prints a table of test energy and
-force MAE, epochs and seconds per epoch, and writes validation force MAE against training time
-(one line per model) as a PNG.
+force MAE, epochs and seconds per epoch, the validation force MAE after each epoch (what an
+epoch teaches, whatever it costs), and writes validation force MAE against training time (one
+line per model) as a PNG.
 
     python benchmarks/same_budget.py --data-dir ../shared/data/rmd17 --molecule ethanol \\
         --minutes 10 [--models equiformer deq nequip_s] [--out outputs/same_budget]
@@ -70,6 +75,17 @@ LABELS = {
     "deq_v2_variational": "variational DEQ, one EquiformerV2 block",
     "deq_v2_linear": "DEQ, one EquiformerV2 block, linear readout",
     "deq_v2_variational_linear": "variational DEQ, one EquiformerV2 block, linear readout",
+    "deq_v2_jfb": "DEQ v2, unroll K=0 (Jacobian-free gradient)",
+    "deq_v2_jfb_loose": "DEQ v2, unroll K=0, train_tol 1e-2",
+    "deq_v2_2layers": "DEQ v2, two blocks inside f (num_deq_layers 2)",
+    "deq_v2_anderson": "DEQ v2, Anderson forward solver",
+}
+# issue 20's levers on the v2 DEQ: (model changes, training-module changes)
+V2_DEQ_LEVERS = {
+    "deq_v2_jfb": ({"train_gradient": "unroll", "train_unroll_steps": 0}, {}),
+    "deq_v2_jfb_loose": ({"train_gradient": "unroll", "train_unroll_steps": 0}, {"train_tol": 1.0e-2}),
+    "deq_v2_2layers": ({"num_deq_layers": 2}, {}),
+    "deq_v2_anderson": ({"solver": "anderson"}, {}),
 }
 EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
 
@@ -106,6 +122,9 @@ def config(name: str, args) -> dict:
             model["fixed_point"] = "variational"
         if name.endswith("_linear"):
             model["readout_block"] = False
+        model_changes, training_changes = V2_DEQ_LEVERS.get(name, ({}, {}))
+        model.update(model_changes)
+        cfg["training_module"].update(training_changes)
     elif name == "deq_cold":
         cfg["training_module"]["warm_start_training"] = False
     elif name == "deq_tight":
@@ -214,6 +233,13 @@ def table(results, args) -> str:
             f"| {LABELS[r['name']]} | {r['params'] / 1000:.0f} k | {r['epochs']:.1f} | "
             f"{r['s_per_epoch']:.0f} | {r['test_forces']:.1f} | {r['test_energy']:.1f} |"
         )
+    lines += ["", "Validation force MAE (meV/Å) after each epoch:", ""]
+    most = max(len(r["curve"]) for r in results)
+    lines += ["| after epoch | " + " | ".join(LABELS[r["name"]] for r in results) + " |",
+              "|---" * (len(results) + 1) + "|"]
+    for epoch in range(most):
+        cells = [f"{r['curve'][epoch][1]:.1f}" if epoch < len(r["curve"]) else "" for r in results]
+        lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
     deq = [r for r in results if r["iterations"]]
     if deq:
         lines += ["", "DEQ solver iterations per training step (forward + adjoint + backward), "
