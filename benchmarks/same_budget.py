@@ -23,10 +23,11 @@ Models (``--models``, in this order by default):
 - ``deq_v2_variational``: ``deq_v2`` with ``fixed_point: variational`` (docs/deq.md);
   ``deq_v2_linear`` / ``deq_v2_variational_linear``: the two DEQs with ``readout_block:
   false`` (the energy from a linear map of the state's scalars, no output block);
-- ``deq_v2_jfb`` / ``deq_v2_jfb_loose`` / ``deq_v2_2layers`` / ``deq_v2_anderson``: ``deq_v2``
-  with the training gradient ``unroll`` at K = 0 (the Jacobian-free gradient: no backward
-  solve; forces stay exact) / the same with ``train_tol`` 1e-2 / two blocks inside ``f`` /
-  Anderson acceleration for the forward solve (:data:`V2_DEQ_LEVERS`).
+- ``deq_v2_jfb`` / ``deq_v2_jfb_loose`` / ``deq_v2_2layers`` / ``deq_v2_jfb_2layers`` /
+  ``deq_v2_anderson``: ``deq_v2`` with the training gradient ``unroll`` at K = 0 (the
+  Jacobian-free gradient: no backward solve; forces stay exact) / the same with ``train_tol``
+  1e-2 / two blocks inside ``f`` / both / Anderson acceleration for the forward solve
+  (:data:`V2_DEQ_LEVERS`).
 
 Every run prints a line per epoch; at the end the script prints a table of test energy and
 force MAE, epochs and seconds per epoch, the validation force MAE after each epoch (what an
@@ -78,6 +79,7 @@ LABELS = {
     "deq_v2_jfb": "DEQ v2, unroll K=0 (Jacobian-free gradient)",
     "deq_v2_jfb_loose": "DEQ v2, unroll K=0, train_tol 1e-2",
     "deq_v2_2layers": "DEQ v2, two blocks inside f (num_deq_layers 2)",
+    "deq_v2_jfb_2layers": "DEQ v2, unroll K=0, two blocks inside f",
     "deq_v2_anderson": "DEQ v2, Anderson forward solver",
 }
 # issue 20's levers on the v2 DEQ: (model changes, training-module changes)
@@ -85,6 +87,7 @@ V2_DEQ_LEVERS = {
     "deq_v2_jfb": ({"train_gradient": "unroll", "train_unroll_steps": 0}, {}),
     "deq_v2_jfb_loose": ({"train_gradient": "unroll", "train_unroll_steps": 0}, {"train_tol": 1.0e-2}),
     "deq_v2_2layers": ({"num_deq_layers": 2}, {}),
+    "deq_v2_jfb_2layers": ({"train_gradient": "unroll", "train_unroll_steps": 0, "num_deq_layers": 2}, {}),
     "deq_v2_anderson": ({"solver": "anderson"}, {}),
 }
 EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
