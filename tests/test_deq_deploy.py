@@ -33,10 +33,14 @@ import lammps_wheel
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 MODEL = [
     "training_module.model._target_=nequip_deq.model.DEQEquiformerModel",
-    # l_max 1: compiles in half the time of l_max 2 (3.5 vs 7 min on 2 CPU cores); the l = 2
-    # paths of the DEQ are covered by the harness and tests/test_deq.py
+    # l_max 1, dot-product attention and linear messages: an ase_deq compile then takes 400 s
+    # on 2 CPU cores instead of 535 s with MLP attention and non-linear messages (both compile
+    # in tests/test_deploy.py); the l = 2 paths of the DEQ are covered by the harness and
+    # tests/test_deq.py
     "+training_module.model.l_max=1",
     "+training_module.model.irreps_node_features=16x0e+8x1o",
+    "+training_module.model.attention_type=dot_product",
+    "+training_module.model.nonlinear_messages=false",
     "+training_module.model.num_heads=4",
     "+training_module.model.num_basis=8",
     "+training_module.model.radial_mlp_width=16",

@@ -1,5 +1,5 @@
 """DEQ training: the implicit training gradient against finite differences (also in a pass
-that records a graph), training-mode forces, warm-started training, train-time compilation,
+that records a graph), the Jacobian-free gradient, training-mode forces, warm-started training, train-time compilation,
 the backward solve's warnings, torchdeq's solvers."""
 
 import numpy as np
@@ -112,6 +112,36 @@ def test_training_settings_are_inputs_and_statistics_are_outputs():
     assert 1e-6 < float(loose[0, 1]) <= 1e-3 and int(loose[0, 0]) < int(stats[0, 0]), (loose, stats)
     assert float(asked["deq_residual"][0]) <= 1e-3 < 10 * float(asked["deq_residual"][0])
     assert {k: v for k, v in vars(deq_layer(model)).items() if k in layer_settings} == layer_settings
+
+
+def test_jacobian_free_gradient_runs_no_backward_solve_and_points_downhill():
+    """The shipped configs' training gradient (``train_gradient: unroll`` with K = 0, the
+    Jacobian-free gradient): the training forces are the exact ones (the implicit gradient's,
+    bit for bit), no backward solve runs, and the parameter gradient of a force loss is a
+    descent direction of the exact loss (positive cosine with the implicit gradient) without
+    being that gradient."""
+    data = graph(rattled("CH3CH2OH", 3))
+    target = torch.randn(data[AtomicDataDict.POSITIONS_KEY].shape, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+
+    def force_loss_gradient(model):
+        model.train()
+        out = model(dict(data))
+        loss = (out[AtomicDataDict.FORCE_KEY] - target).square().mean()
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+        return torch.cat(flat), out
+
+    solves = dict(f_tol=1e-11, b_tol=1e-11, f_max_iter=300, b_max_iter=300)
+    exact, exact_out = force_loss_gradient(build("float64", **solves))
+    free, free_out = force_loss_gradient(
+        build("float64", train_gradient="unroll", train_unroll_steps=0, **solves)
+    )
+    assert torch.equal(free_out[AtomicDataDict.FORCE_KEY], exact_out[AtomicDataDict.FORCE_KEY])
+    assert DEQ_BACKWARD_STATISTICS_KEY in exact_out and DEQ_BACKWARD_STATISTICS_KEY not in free_out
+    cosine = float(exact @ free / (exact.norm() * free.norm()))
+    assert 0.2 < cosine < 0.95, cosine  # 0.53 for this model and loss
 
 
 def test_forces_in_training_are_the_evaluation_forces():
