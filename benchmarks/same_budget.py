@@ -23,10 +23,12 @@ Models (``--models``, in this order by default):
 - ``deq_v2_variational``: ``deq_v2`` with ``fixed_point: variational`` (docs/deq.md);
   ``deq_v2_linear`` / ``deq_v2_variational_linear``: the two DEQs with ``readout_block:
   false`` (the energy from a linear map of the state's scalars, no output block);
-- ``deq_v2_jfb`` / ``deq_v2_jfb_loose`` / ``deq_v2_2layers`` / ``deq_v2_jfb_2layers`` /
-  ``deq_v2_anderson``: ``deq_v2`` with the training gradient ``unroll`` at K = 0 (the
-  Jacobian-free gradient: no backward solve; forces stay exact) / the same with ``train_tol``
-  1e-2 / two blocks inside ``f`` / both / Anderson acceleration for the forward solve
+- ``deq_v2_implicit`` / ``deq_v2_jfb`` / ``deq_v2_jfb_loose`` / ``deq_v2_2layers`` /
+  ``deq_v2_jfb_2layers`` / ``deq_v2_anderson``: ``deq_v2`` with its training gradient and
+  ``train_tol`` fixed: the implicit gradient at 1e-3 (the DEQ config until issue 20) / the
+  Jacobian-free gradient (``unroll`` at K = 0: no backward solve; forces stay exact) at 1e-3 /
+  at 1e-2 (the shipped config) / the implicit one with two blocks inside ``f`` / the
+  Jacobian-free one at 1e-2 with two blocks / with Anderson acceleration for the forward solve
   (:data:`V2_DEQ_LEVERS`).
 
 Every run prints a line per epoch; at the end the script prints a table of test energy and
@@ -76,19 +78,25 @@ LABELS = {
     "deq_v2_variational": "variational DEQ, one EquiformerV2 block",
     "deq_v2_linear": "DEQ, one EquiformerV2 block, linear readout",
     "deq_v2_variational_linear": "variational DEQ, one EquiformerV2 block, linear readout",
-    "deq_v2_jfb": "DEQ v2, unroll K=0 (Jacobian-free gradient)",
-    "deq_v2_jfb_loose": "DEQ v2, unroll K=0, train_tol 1e-2",
-    "deq_v2_2layers": "DEQ v2, two blocks inside f (num_deq_layers 2)",
-    "deq_v2_jfb_2layers": "DEQ v2, unroll K=0, two blocks inside f",
-    "deq_v2_anderson": "DEQ v2, Anderson forward solver",
+    "deq_v2_implicit": "DEQ v2, implicit gradient, train_tol 1e-3",
+    "deq_v2_jfb": "DEQ v2, Jacobian-free gradient (unroll K=0), train_tol 1e-3",
+    "deq_v2_jfb_loose": "DEQ v2, Jacobian-free gradient, train_tol 1e-2",
+    "deq_v2_2layers": "DEQ v2, implicit, two blocks inside f",
+    "deq_v2_jfb_2layers": "DEQ v2, Jacobian-free, train_tol 1e-2, two blocks inside f",
+    "deq_v2_anderson": "DEQ v2, Jacobian-free, train_tol 1e-2, Anderson forward solver",
 }
-# issue 20's levers on the v2 DEQ: (model changes, training-module changes)
+# issue 20's levers on the v2 DEQ: (model changes, training-module changes), each with the
+# training gradient and tolerance spelled out, so that the rows stay what they were when the
+# shipped config changes
+IMPLICIT = {"train_gradient": "implicit"}
+JACOBIAN_FREE = {"train_gradient": "unroll", "train_unroll_steps": 0}
 V2_DEQ_LEVERS = {
-    "deq_v2_jfb": ({"train_gradient": "unroll", "train_unroll_steps": 0}, {}),
-    "deq_v2_jfb_loose": ({"train_gradient": "unroll", "train_unroll_steps": 0}, {"train_tol": 1.0e-2}),
-    "deq_v2_2layers": ({"num_deq_layers": 2}, {}),
-    "deq_v2_jfb_2layers": ({"train_gradient": "unroll", "train_unroll_steps": 0, "num_deq_layers": 2}, {}),
-    "deq_v2_anderson": ({"solver": "anderson"}, {}),
+    "deq_v2_implicit": (IMPLICIT, {"train_tol": 1.0e-3}),
+    "deq_v2_jfb": (JACOBIAN_FREE, {"train_tol": 1.0e-3}),
+    "deq_v2_jfb_loose": (JACOBIAN_FREE, {"train_tol": 1.0e-2}),
+    "deq_v2_2layers": ({**IMPLICIT, "num_deq_layers": 2}, {"train_tol": 1.0e-3}),
+    "deq_v2_jfb_2layers": ({**JACOBIAN_FREE, "num_deq_layers": 2}, {"train_tol": 1.0e-2}),
+    "deq_v2_anderson": ({**JACOBIAN_FREE, "solver": "anderson"}, {"train_tol": 1.0e-2}),
 }
 EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
 
@@ -122,7 +130,9 @@ def config(name: str, args) -> dict:
         if name.startswith("equiformer_v2_"):
             model["num_layers"] = int(name.rsplit("_", 1)[1])
         if name.startswith("deq_v2_variational"):
-            model["fixed_point"] = "variational"
+            # the variational DEQ trains with its Hessian solve only, at the tolerance of its rows
+            model.update(fixed_point="variational", train_gradient="implicit")
+            cfg["training_module"]["train_tol"] = 1.0e-3
         if name.endswith("_linear"):
             model["readout_block"] = False
         model_changes, training_changes = V2_DEQ_LEVERS.get(name, ({}, {}))
