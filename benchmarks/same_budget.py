@@ -231,6 +231,15 @@ def deq_iterations(rows):
     return {e: [sum(c) / len(c) for c in zip(*v)] for e, v in sorted(per_epoch.items())}
 
 
+def per_epoch_cell(result, epoch: int) -> str:
+    """The validation force MAE after ``epoch`` (0-based) of a run, marked ``*`` when that
+    validation followed a partial epoch (the time limit stops training mid-epoch)."""
+    if epoch >= len(result["curve"]):
+        return ""
+    partial = epoch + 1 > result["epochs"] + 1e-6
+    return f"{result['curve'][epoch][1]:.1f}" + ("*" if partial else "")
+
+
 def table(results, args) -> str:
     lines = [
         f"rMD17 {args.molecule}, 950 train / 50 val frames (split 01), test on the 1000 frames "
@@ -246,12 +255,13 @@ def table(results, args) -> str:
             f"| {LABELS[r['name']]} | {r['params'] / 1000:.0f} k | {r['epochs']:.1f} | "
             f"{r['s_per_epoch']:.0f} | {r['test_forces']:.1f} | {r['test_energy']:.1f} |"
         )
-    lines += ["", "Validation force MAE (meV/Å) after each epoch:", ""]
+    lines += ["", "Validation force MAE (meV/Å) after each epoch (*: after the partial epoch the "
+              "time limit cut):", ""]
     most = max(len(r["curve"]) for r in results)
     lines += ["| after epoch | " + " | ".join(LABELS[r["name"]] for r in results) + " |",
               "|---" * (len(results) + 1) + "|"]
     for epoch in range(most):
-        cells = [f"{r['curve'][epoch][1]:.1f}" if epoch < len(r["curve"]) else "" for r in results]
+        cells = [per_epoch_cell(r, epoch) for r in results]
         lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
     deq = [r for r in results if r["iterations"]]
     if deq:

@@ -1,6 +1,6 @@
 """DEQ training: the implicit training gradient against finite differences (also in a pass
-that records a graph), the Jacobian-free gradient, training-mode forces, warm-started training, train-time compilation,
-the backward solve's warnings, torchdeq's solvers."""
+that records a graph), the Jacobian-free gradient, training-mode forces, warm-started training,
+train-time compilation, the backward solve's warnings, torchdeq's solvers."""
 
 import numpy as np
 import pytest
