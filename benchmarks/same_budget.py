@@ -84,6 +84,9 @@ LABELS = {
     "deq_v2_2layers": "DEQ v2, implicit, two blocks inside f",
     "deq_v2_jfb_2layers": "DEQ v2, Jacobian-free, train_tol 1e-2, two blocks inside f",
     "deq_v2_anderson": "DEQ v2, Jacobian-free, train_tol 1e-2, Anderson forward solver",
+    "deq_v2_jfb_looser": "DEQ v2, Jacobian-free gradient, train_tol 3e-2",
+    "deq_v2_jfb_lr": "DEQ v2, Jacobian-free, train_tol 1e-2, learning rate 0.01",
+    "deq_v2_jfb_penalty": "DEQ v2, Jacobian-free, train_tol 1e-2, Jacobian penalty 1.0 every 4th step",
 }
 # issue 20's levers on the v2 DEQ: (model changes, training-module changes), each with the
 # training gradient and tolerance spelled out, so that the rows stay what they were when the
@@ -97,6 +100,15 @@ V2_DEQ_LEVERS = {
     "deq_v2_2layers": ({**IMPLICIT, "num_deq_layers": 2}, {"train_tol": 1.0e-3}),
     "deq_v2_jfb_2layers": ({**JACOBIAN_FREE, "num_deq_layers": 2}, {"train_tol": 1.0e-2}),
     "deq_v2_anderson": ({**JACOBIAN_FREE, "solver": "anderson"}, {"train_tol": 1.0e-2}),
+    "deq_v2_jfb_looser": (JACOBIAN_FREE, {"train_tol": 3.0e-2}),
+    "deq_v2_jfb_lr": (
+        JACOBIAN_FREE,
+        {"train_tol": 1.0e-2, "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01}},
+    ),
+    "deq_v2_jfb_penalty": (
+        {**JACOBIAN_FREE, "jacobian_penalty": True},
+        {"train_tol": 1.0e-2, "jacobian_penalty_weight": 1.0, "jacobian_penalty_every": 4},
+    ),
 }
 EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
 
