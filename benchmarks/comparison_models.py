@@ -12,7 +12,6 @@ Used by ``md_speed.py``, ``shadow_speed.py``, ``size_scaling.py`` and ``nve_drif
 """
 
 import inspect
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,19 +74,30 @@ def checkpoint(kind: str, work: Path, deq_checkpoint: Path) -> Path:
     return ckpt
 
 
-def compiled(source: Path, out: Path, target: str, modifiers=(), env=None) -> Path:
+def compiled(source: Path, out: Path, target: str) -> Path:
     """``nequip-compile --mode aotinductor`` of ``source`` for ``target`` into ``out`` (reused
-    when it exists); ``env``: extra environment variables (e.g. ``NEQUIP_DEQ_F_TOL`` with the
-    ``set_DEQSolverTolerances`` modifier)."""
+    when it exists)."""
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"== compiling {source.name} for {target} {' '.join(modifiers)} (takes a few minutes) -> {out}", flush=True)
+    print(f"== compiling {source.name} for {target} (takes a few minutes) -> {out}", flush=True)
     command = ["nequip-compile", str(source), str(out), "--mode", "aotinductor", "--device", "cpu",
                "--target", target]
-    if modifiers:
-        command += ["--modifiers", *modifiers]
-    _run(command, out.with_suffix(".log"), env)
+    _run(command, out.with_suffix(".log"))
+    return out
+
+
+def modified_package(checkpoint: Path, out: Path, modifiers) -> Path:
+    """The checkpoint packaged (``nequip-package build``, reused) and given ``modifiers``
+    (``[(name, {argument: value})]``) with ``nequip-package modify`` into ``out``."""
+    package = checkpoint.with_suffix(".nequip.zip")
+    if not package.exists():
+        _run(["nequip-package", "build", str(checkpoint), str(package)], package.with_suffix(".log"))
+    if not out.exists():
+        command = ["nequip-package", "modify", str(package), str(out)]
+        for name, arguments in modifiers:
+            command += ["--modifier", name, *(f"{k}={v}" for k, v in arguments.items())]
+        _run(command, out.with_suffix(".log"))
     return out
 
 
@@ -97,13 +107,12 @@ def deq_models(checkpoint: Path, work: Path, tolerance=None, extrapolation: str 
     tolerance compiled in with ``set_DEQSolverTolerances`` when ``tolerance`` is given, else
     the model's)."""
     deq_ase = compiled(checkpoint, work / "deq_ase.nequip.pt2", "ase_deq")
-    name, modifiers = f"deq_pair_{extrapolation}", ["enable_DEQStateCache"]
-    env = {"NEQUIP_DEQ_EXTRAPOLATION": extrapolation}
+    name, modifiers = f"deq_pair_{extrapolation}", [("enable_DEQStateCache", {"extrapolation": extrapolation})]
     if tolerance is not None:
         name += f"_tol{tolerance:g}"
-        modifiers.append("set_DEQSolverTolerances")
-        env.update(NEQUIP_DEQ_F_TOL=str(tolerance), NEQUIP_DEQ_B_TOL=str(tolerance))
-    return deq_ase, compiled(checkpoint, work / f"{name}.nequip.pt2", "pair_nequip_deq", modifiers, env=env)
+        modifiers.append(("set_DEQSolverTolerances", {"f_tol": tolerance, "b_tol": tolerance}))
+    package = modified_package(checkpoint, work / f"{name}.nequip.zip", modifiers)
+    return deq_ase, compiled(package, work / f"{name}.nequip.pt2", "pair_nequip_deq")
 
 
 def timing_models(deq_checkpoint: Path, work: Path):
@@ -115,8 +124,8 @@ def timing_models(deq_checkpoint: Path, work: Path):
     return explicit, nequip, explicit_ckpt
 
 
-def _run(command, log: Path, env=None) -> None:
+def _run(command, log: Path) -> None:
     with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         sys.exit(f"{command[0]} failed: see {log}")

@@ -11,7 +11,7 @@ The models are those of ``md_speed.py`` (same ``--work`` directory: made once, r
 DEQ call is the fourth step of a short NVE run from 300 K (0.5 fs), started (through ASE and in
 the state cache) from the quadratic extrapolation of the three previous fixed points: the
 extended-Lagrangian start needs eight steps of history, too many to run at every size. Systems larger than the state cache's
-capacity (``NEQUIP_DEQ_STATE_CACHE_ATOMS`` at compile time, default 10000) start every
+capacity (the ``enable_DEQStateCache`` modifier's ``capacity``, default 10000) start every
 pair-style call cold: the output says so when a box is that large.
 """
 
@@ -77,7 +77,7 @@ def main():
         results["DEQ warm, pair-style call"] = (seconds, its)
         if n > capacity:
             print(f"   {n} atoms > the state cache's capacity {capacity}: the pair-style call starts cold "
-                  "(recompile with a larger NEQUIP_DEQ_STATE_CACHE_ATOMS)", flush=True)
+                  "(recompile with a larger capacity: enable_DEQStateCache capacity=<atoms>)", flush=True)
         cold = DEQCalculator.from_compiled_model(deq_ase, warm_start=False, tolerance=args.tolerance, **options)
         results["DEQ cold"] = ase_caller(cold)(frames[-1])[:2]
         for label, path in (("Equiformer 6 blocks", explicit), ("NequIP, same irreps", nequip)):

@@ -75,31 +75,29 @@ def test_solver_limits_are_recorded_for_compiled_models(dtype):
     assert limits == {"f_tol": f_tol, "f_max_iter": 33, "b_tol": 1e-4, "b_max_iter": 44}
 
 
-def test_deploy_time_tolerances(monkeypatch):
-    """set_DEQSolverTolerances changes a trained model's solver settings for deployment, from
-    arguments or (as nequip-compile's --modifiers passes none) from NEQUIP_DEQ_* variables,
-    and the metadata a compiled model records follows; bad or missing values are refused."""
+def test_deploy_time_tolerances():
+    """set_DEQSolverTolerances changes a trained model's solver settings for deployment (a
+    persistent modifier, so that `nequip-package modify` applies it with arguments before
+    nequip-compile), and the metadata a compiled model records follows; numbers written as
+    YAML reads them (`f_tol=1e-3` is a string) are taken; bad or missing values are refused."""
     from nequip.model.modify_utils import modify
+    from nequip.nn.model_modifier_utils import is_persistent_model_modifier
 
+    assert is_persistent_model_modifier(DEQEquiformerLayer.set_DEQSolverTolerances)
     model = modify(build("float64", f_tol=1e-8), [{"modifier": "set_DEQSolverTolerances", "f_tol": 1e-3}])
     assert solver_limits(deq_layer(model)._get_metadata_contributions())["f_tol"] == 1e-3
-    monkeypatch.setenv("NEQUIP_DEQ_B_TOL", "2e-4")
-    monkeypatch.setenv("NEQUIP_DEQ_F_MAX_ITER", "170")
-    model = modify(build("float64"), [{"modifier": "set_DEQSolverTolerances"}])
+    model = modify(build("float64"), [{"modifier": "set_DEQSolverTolerances", "b_tol": "2e-4", "f_max_iter": 170}])
     limits = solver_limits(deq_layer(model)._get_metadata_contributions())
     assert (limits["b_tol"], limits["f_max_iter"], limits["f_tol"]) == (2e-4, 170, TOL["float64"])
     loose = calculator(model)
     loose.get_forces(rattled("CH3CH2OH", 0))
     assert loose.results["deq_adjoint_residual"] <= 2e-4 and loose.results["deq_residual"] <= TOL["float64"]
-    monkeypatch.setenv("NEQUIP_DEQ_F_TOL", "tight")
-    with pytest.raises(ValueError, match="NEQUIP_DEQ_F_TOL='tight' is not a float"):
-        modify(build("float64"), [{"modifier": "set_DEQSolverTolerances"}])
-    for name in ("NEQUIP_DEQ_F_TOL", "NEQUIP_DEQ_B_TOL", "NEQUIP_DEQ_F_MAX_ITER"):
-        monkeypatch.delenv(name)
-    with pytest.raises(ValueError, match="got no setting.*NEQUIP_DEQ_F_TOL"):
-        modify(build("float64"), [{"modifier": "set_DEQSolverTolerances"}])
-    with pytest.raises(ValueError, match="b_tol = -1.0 must be > 0"):
-        modify(build("float64"), [{"modifier": "set_DEQSolverTolerances", "b_tol": -1.0}])
+    for bad, message in [({"f_tol": "tight"}, "f_tol = 'tight' must be a number > 0"),
+                         ({"b_tol": -1.0}, "b_tol = -1.0 must be a number > 0"),
+                         ({"f_max_iter": 30.5}, "f_max_iter = 30.5 must be a whole number > 0"),
+                         ({}, "got no setting: pass f_tol, b_tol, f_max_iter and/or b_max_iter")]:
+        with pytest.raises(ValueError, match=message):
+            modify(build("float64"), [{"modifier": "set_DEQSolverTolerances", **bad}])
 
 
 def test_tolerance_per_call():

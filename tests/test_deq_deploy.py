@@ -18,6 +18,7 @@ import torch
 from nequip.model.inference_models import load_compiled_model
 from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
 
+from nequip_deq._compile_targets import solver_limits
 from nequip_deq._keys import SOLVER_STATISTICS
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
@@ -218,29 +219,38 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, packaged_and_co
 
 
 @pytest.fixture(scope="module")
-def lammps_compiled(trained, tmp_path_factory):
-    """The trained DEQ compiled for LAMMPS with its state cache."""
-    compiled = tmp_path_factory.mktemp("lmp") / "lmp.nequip.pt2"
-    result = subprocess.run(
-        ["nequip-compile", str(trained / "best.ckpt"), str(compiled), "--mode", "aotinductor",
-         "--device", "cpu", "--target", "pair_nequip_deq", "--modifiers", "enable_DEQStateCache"],
-        capture_output=True, text=True, cwd=compiled.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def lammps_compiled(packaged_and_compiled, tmp_path_factory):
+    """The packaged DEQ given a state cache for 500 atoms and an iteration cap of 90 with
+    `nequip-package modify` (the path for modifier arguments: nequip-compile's `--modifiers`
+    passes none), then compiled for LAMMPS."""
+    tmp_path = tmp_path_factory.mktemp("lmp")
+    modified = tmp_path / "deq_cached.nequip.zip"
+    compiled = tmp_path / "lmp.nequip.pt2"
+    for command in (
+        ["nequip-package", "modify", str(packaged_and_compiled[0]), str(modified),
+         "--modifier", "enable_DEQStateCache", "capacity=500",
+         "--modifier", "set_DEQSolverTolerances", "f_max_iter=90", "b_max_iter=90"],
+        ["nequip-compile", str(modified), str(compiled), "--mode", "aotinductor",
+         "--device", "cpu", "--target", "pair_nequip_deq"],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
     return compiled
 
 
 @pytest.mark.slow
 def test_compiled_for_lammps_warm_starts_from_its_state_cache(trained, lammps_compiled):
-    """`--target pair_nequip_deq --modifiers enable_DEQStateCache`: called as pair_style
+    """`--target pair_nequip_deq` with the state cache: called as pair_style
     nequip calls it (no state passed; periodic box with ghost atoms), the compiled model
     warm-starts consecutive MD steps from the fixed point it kept, gives the cold eager results
     within the solver tolerance, starts cold for another system, and raises on non-finite
     values instead of returning them."""
     compiled = lammps_compiled
-    notes = check_pair_model(torch._inductor.aoti_load_package(str(compiled)).get_metadata(), ["C", "H", "O"])
-    assert any("state cache for up to 10000 atoms" in n for n in notes), notes
+    compiled_metadata = torch._inductor.aoti_load_package(str(compiled)).get_metadata()
+    notes = check_pair_model(compiled_metadata, ["C", "H", "O"])
+    assert any("state cache for up to 500 atoms" in n for n in notes), notes
     assert any("DEQ solver: forward tolerance 1e-05" in n for n in notes), notes
+    assert solver_limits(compiled_metadata) == {"f_tol": 1e-5, "f_max_iter": 90, "b_tol": 1e-5, "b_max_iter": 90}
     model, metadata = load_compiled_model(
         str(compiled), "cpu", PAIR_NEQUIP_INPUTS, LMP_OUTPUTS + list(SOLVER_STATISTICS)
     )

@@ -66,16 +66,15 @@ def test_state_cache_says_its_size(caplog):
 
 
 @pytest.mark.parametrize("scheme", ["quadratic", "xlbomd"])
-def test_state_cache_starts_as_the_calculator_does(scheme, monkeypatch):
+def test_state_cache_starts_as_the_calculator_does(scheme):
     """Over an MD trajectory long enough for the extended-Lagrangian recurrence to take over,
-    the in-model cache (scheme from NEQUIP_DEQ_EXTRAPOLATION, recorded in the metadata) starts
-    every call where DEQCalculator with the same extrapolation starts it: the same iteration
-    counts and fixed points, call by call; a bad scheme is refused."""
+    the in-model cache (its ``extrapolation``, recorded in the metadata) starts every call
+    where DEQCalculator with the same extrapolation starts it: the same iteration counts and
+    fixed points, call by call; a bad scheme or capacity is refused."""
     from nequip_deq.nn.extrapolation import XLBOMD_ORDER
 
-    monkeypatch.setenv("NEQUIP_DEQ_EXTRAPOLATION", scheme)
     model = build("float64", f_tol=1e-4, b_tol=1e-4)
-    cached = with_state_cache(build("float64", f_tol=1e-4, b_tol=1e-4))
+    cached = with_state_cache(build("float64", f_tol=1e-4, b_tol=1e-4), extrapolation=scheme)
     assert cached.metadata["deq_state_cache_extrapolation"] == scheme
     calc = calculator(model, extrapolation=scheme)
     for atoms in short_trajectory(steps=XLBOMD_ORDER + 4):
@@ -84,9 +83,10 @@ def test_state_cache_starts_as_the_calculator_does(scheme, monkeypatch):
         assert int(out["deq_iterations"][0]) == calc.results["deq_iterations"]
         assert int(out["deq_adjoint_iterations"][0]) == calc.results["deq_adjoint_iterations"]
         torch.testing.assert_close(out["deq_state"], calc._starts.solutions[0][0], atol=1e-12, rtol=0)
-    monkeypatch.setenv("NEQUIP_DEQ_EXTRAPOLATION", "cubic")
-    with pytest.raises(ValueError, match=r"extrapolation 'cubic' \(from `extrapolation` or NEQUIP_DEQ_EXTRAPOLATION\)"):
-        with_state_cache(build("float64"))
+    with pytest.raises(ValueError, match=r"extrapolation 'cubic': choose one of \['quadratic', 'xlbomd'\]"):
+        with_state_cache(build("float64"), extrapolation="cubic")
+    with pytest.raises(ValueError, match=r"capacity 0.5 must be a whole number of atoms >= 1"):
+        with_state_cache(build("float64"), capacity=0.5)
 
 
 def test_state_cache_keeps_no_unconverged_state():

@@ -24,10 +24,8 @@ unrolled, Jacobian penalty) in :mod:`~nequip_deq.nn.training_gradients`. Everyth
 call and reused by every iteration, adjoint product and the Lagrangian.
 """
 
-import logging
-import os
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from e3nn.o3._irreps import Irreps
@@ -35,29 +33,13 @@ from e3nn.util.jit import compile_mode
 
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
-from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
 
 from .. import _keys
-from .._compile_targets import (
-    DAMPING_METADATA_KEY,
-    FIXED_POINT_METADATA_KEY,
-    SOLVER_METADATA_KEYS,
-    STATE_CACHE_BYTES_METADATA_KEY,
-    STATE_CACHE_EXTRAPOLATION_METADATA_KEY,
-    STATE_CACHE_METADATA_KEY,
-    STATE_WIDTH_METADATA_KEY,
-    announce_to_compile_targets,
-)
 from .block import EquiformerBlock
-from .extrapolation import DEFAULT_SCHEME
+from .deployment import DEQDeployment
 from .injection import Injection
 from .solvers import FixedPointError, FixedPointSolvers, check_solution, tolerance_floor
 from .state_cache import (
-    CACHE_SCHEMES,
-    CAPACITY_ENV,
-    DEFAULT_CAPACITY,
-    DEFAULT_MAX_DISPLACEMENT,
-    EXTRAPOLATION_ENV,
     DEQStateCache,
     cache_inputs,
 )
@@ -117,8 +99,9 @@ def _stop_messages() -> Tuple[str, str]:
     not_converged = (
         "nequip-deq: a DEQ solve ended above its tolerance at its iteration cap, so the model "
         "stops instead of returning inexact forces. Recompile with a larger cap or a looser "
-        "tolerance (NEQUIP_DEQ_F_MAX_ITER, NEQUIP_DEQ_B_MAX_ITER, NEQUIP_DEQ_F_TOL, "
-        "NEQUIP_DEQ_B_TOL with `--modifiers set_DEQSolverTolerances`), or check the structure."
+        "tolerance (`nequip-package modify <in>.nequip.zip <out>.nequip.zip --modifier "
+        "set_DEQSolverTolerances f_max_iter=... b_max_iter=...`, then nequip-compile <out>), "
+        "or check the structure."
     )
     return not_finite, not_converged
 
@@ -190,7 +173,7 @@ class _TotalEnergyGradientOnly(torch.autograd.Function):
 
 
 @compile_mode("script")
-class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
+class DEQEquiformerLayer(FixedPointSolvers, DEQDeployment, GraphModuleMixin, torch.nn.Module):
     """Fixed point of weight-tied Equiformer blocks followed by the energy readout.
 
     Reads ``node_features`` (the encoder output :math:`x`, irreps ``X``) and optionally the
@@ -303,117 +286,6 @@ class DEQEquiformerLayer(FixedPointSolvers, GraphModuleMixin, torch.nn.Module):
         self.jacobian_penalty = bool(jacobian_penalty)
         self.force_pass = bool(force_pass)
         self.state_cache = DEQStateCache(0, irreps.dim, torch.get_default_dtype())
-
-    @torch.jit.unused
-    def _get_metadata_contributions(self) -> Dict[str, str]:
-        # the state width lets a calculator give a compiled model a cold-start state; it and
-        # the cache capacity tell the compile targets what they trace (read before tracing)
-        width = self.injection.norm.irreps.dim
-        announce_to_compile_targets(width, self.state_cache.capacity, self.variational)
-        out = {
-            STATE_WIDTH_METADATA_KEY: str(width),
-            FIXED_POINT_METADATA_KEY: "variational" if self.variational else "lagrangian",
-            DAMPING_METADATA_KEY: str(self.damping),
-        }
-        floor = tolerance_floor(next(self.parameters()).dtype)
-        settings = (max(self.f_tol, floor), self.f_max_iter, max(self.b_tol, floor), self.b_max_iter)
-        out.update({k: str(v) for k, v in zip(SOLVER_METADATA_KEYS, settings)})
-        if self.state_cache.capacity > 0:
-            out[STATE_CACHE_METADATA_KEY] = str(self.state_cache.capacity)
-            out[STATE_CACHE_BYTES_METADATA_KEY] = str(self.state_cache.nbytes())
-            out[STATE_CACHE_EXTRAPOLATION_METADATA_KEY] = self.state_cache.extrapolation
-        return out
-
-    @model_modifier(persistent=False)
-    @classmethod
-    def enable_DEQStateCache(
-        cls,
-        model: torch.nn.Module,
-        capacity: Optional[int] = None,
-        max_displacement: float = DEFAULT_MAX_DISPLACEMENT,
-        extrapolation: Optional[str] = None,
-    ) -> torch.nn.Module:
-        """Keep the last fixed points inside the model and warm-start the next call from them
-        when it is the same system a moment later (:mod:`~nequip_deq.nn.state_cache`): for
-        callers that pass no state, such as LAMMPS ``pair_style nequip``. ``capacity`` (atoms;
-        default: environment variable ``NEQUIP_DEQ_STATE_CACHE_ATOMS`` or 10000) bounds the
-        systems that profit; larger ones run cold. ``extrapolation`` (default: environment
-        variable ``NEQUIP_DEQ_EXTRAPOLATION`` or ``xlbomd``): the starting point,
-        ``xlbomd`` or ``quadratic`` (:mod:`~nequip_deq.nn.extrapolation`)."""
-        if capacity is None:
-            capacity = int(os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
-        if capacity < 1:
-            raise ValueError(
-                f"enable_DEQStateCache: capacity {capacity} must be a number of atoms >= 1 "
-                f"(set {CAPACITY_ENV} or pass `capacity`)."
-            )
-        if extrapolation is None:
-            extrapolation = os.environ.get(EXTRAPOLATION_ENV) or DEFAULT_SCHEME
-        if extrapolation not in CACHE_SCHEMES:
-            raise ValueError(
-                f"enable_DEQStateCache: extrapolation {extrapolation!r} (from `extrapolation` or "
-                f"{EXTRAPOLATION_ENV}): choose one of {list(CACHE_SCHEMES)}."
-            )
-
-        def factory(layer: "DEQEquiformerLayer") -> "DEQEquiformerLayer":
-            old = layer.state_cache
-            layer.state_cache = DEQStateCache(
-                capacity, old.width, old.states.dtype, max_displacement, extrapolation
-            ).to(old.states.device)
-            logging.getLogger(__name__).info(
-                f"{layer.state_cache.describe()} Size it to the largest system you run "
-                f"({CAPACITY_ENV}=<atoms> when compiling)."
-            )
-            return layer
-
-        return replace_submodules(model, cls, factory)
-
-    @model_modifier(persistent=False)
-    @classmethod
-    def set_DEQSolverTolerances(
-        cls,
-        model: torch.nn.Module,
-        f_tol: Optional[float] = None,
-        b_tol: Optional[float] = None,
-        f_max_iter: Optional[int] = None,
-        b_max_iter: Optional[int] = None,
-    ) -> torch.nn.Module:
-        """Deploy-time solver settings: the forward and adjoint tolerances and iteration caps
-        of a trained model, for nequip-compile or an eager calculator (training settings are
-        unchanged in the checkpoint). Arguments left out are read from the environment
-        variables ``NEQUIP_DEQ_F_TOL``, ``NEQUIP_DEQ_B_TOL``, ``NEQUIP_DEQ_F_MAX_ITER``,
-        ``NEQUIP_DEQ_B_MAX_ITER`` (nequip-compile's ``--modifiers`` passes no arguments), or
-        kept. The compiled model records the result in its metadata (``deq_f_tol`` ...), where
-        ``DEQCalculator``, ``nequip-deq-md`` and ``nequip-deq-lammps-check`` read it.
-        docs/deq.md tabulates NVE drift and cost against the tolerance."""
-        given = {"f_tol": f_tol, "b_tol": b_tol, "f_max_iter": f_max_iter, "b_max_iter": b_max_iter}
-        settings = {}
-        for name, value in given.items():
-            kind = int if name.endswith("max_iter") else float
-            env = f"NEQUIP_DEQ_{name.upper()}"
-            if value is None and os.environ.get(env):
-                try:
-                    value = kind(os.environ[env])
-                except ValueError:
-                    raise ValueError(f"set_DEQSolverTolerances: {env}={os.environ[env]!r} is not a {kind.__name__}.")
-            if value is None:
-                continue
-            if not value > 0:
-                raise ValueError(f"set_DEQSolverTolerances: {name} = {value} must be > 0.")
-            settings[name] = kind(value)
-        if not settings:
-            raise ValueError(
-                "set_DEQSolverTolerances got no setting: pass f_tol / b_tol / f_max_iter / "
-                "b_max_iter, or set NEQUIP_DEQ_F_TOL, NEQUIP_DEQ_B_TOL, NEQUIP_DEQ_F_MAX_ITER, "
-                "NEQUIP_DEQ_B_MAX_ITER for nequip-compile."
-            )
-
-        def factory(layer: "DEQEquiformerLayer") -> "DEQEquiformerLayer":
-            for name, value in settings.items():
-                setattr(layer, name, value)
-            return layer
-
-        return replace_submodules(model, cls, factory)
 
     # ---- the DEQ function and the readout ------------------------------------------------
 

@@ -38,10 +38,8 @@ from .extrapolation import (
 )
 
 DEFAULT_CAPACITY = 10000
-CAPACITY_ENV = "NEQUIP_DEQ_STATE_CACHE_ATOMS"  # overrides DEFAULT_CAPACITY for nequip-compile
 DEFAULT_MAX_DISPLACEMENT = 0.5  # Å; MD moves atoms ~0.01-0.05 Å per step
 CACHE_SCHEMES = ("quadratic", "xlbomd")
-EXTRAPOLATION_ENV = "NEQUIP_DEQ_EXTRAPOLATION"  # the cache's scheme for nequip-compile
 
 
 class DEQStateCache(torch.nn.Module):
