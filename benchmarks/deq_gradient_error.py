@@ -22,7 +22,7 @@ from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
 from nequip.utils.global_state import set_global_state
 
 from nequip_deq.model import DEQEquiformerModel
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
 
 TYPES = ["H", "C", "O"]
 

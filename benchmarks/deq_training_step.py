@@ -32,7 +32,7 @@ from nequip.utils.global_state import set_global_state
 from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data.molecule_npz import read_molecule_npz
 from nequip_deq.model import DEQEquiformerModel, EquiformerModel
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
 from nequip_deq.integrations.ase import load_calculator
 
 TYPES = ["H", "C", "O"]

@@ -46,9 +46,9 @@ from nequip.scripts._compile_utils import LMP_OUTPUTS, PAIR_NEQUIP_INPUTS
 from nequip_deq._keys import SOLVER_STATISTICS
 from nequip_deq.integrations.ase import DEQCalculator, load_calculator
 from nequip_deq.integrations.lammps import lammps_frame, pair_nequip_inputs
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
-from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, XLBOMD_ORDER
-from nequip_deq.nn.state_cache import CACHE_SCHEMES
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.extrapolation import DEFAULT_SCHEME, XLBOMD_ORDER
+from nequip_deq.nn.fixed_point.state_cache import CACHE_SCHEMES
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -1,5 +1,5 @@
 """NVE energy conservation of compiled models: total-energy drift of the warm-started DEQ at
-several solver tolerances and starting points (nequip_deq.nn.extrapolation), of the
+several solver tolerances and starting points (nequip_deq.nn.fixed_point.extrapolation), of the
 DEQ with the phantom gradient (not −dE/dx) and of the explicit model, all from the same start.
 
     python benchmarks/nve_drift.py --deq-checkpoint outputs/qs_deq/train/best.ckpt \\
@@ -32,7 +32,7 @@ from ase.md.verlet import VelocityVerlet
 from nequip.integrations.ase import NequIPCalculator
 
 from nequip_deq.integrations.ase import DEQCalculator, load_calculator
-from nequip_deq.nn.extrapolation import SCHEMES
+from nequip_deq.nn.fixed_point.extrapolation import SCHEMES
 from nequip_deq.scripts.md import give_molecule_a_cell, load_structure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

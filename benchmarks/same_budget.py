@@ -87,6 +87,7 @@ LABELS = {
     "deq_v2_jfb_looser": "DEQ v2, Jacobian-free gradient, train_tol 3e-2",
     "deq_v2_jfb_lr": "DEQ v2, Jacobian-free, train_tol 1e-2, learning rate 0.01",
     "deq_v2_jfb_penalty": "DEQ v2, Jacobian-free, train_tol 1e-2, Jacobian penalty 1.0 every 4th step",
+    "deq_v2_jfb_branch03": "DEQ v2, Jacobian-free, train_tol 1e-2, branch_scale 0.3 (less contractive f)",
 }
 # issue 20's levers on the v2 DEQ: (model changes, training-module changes), each with the
 # training gradient and tolerance spelled out, so that the rows stay what they were when the
@@ -109,6 +110,7 @@ V2_DEQ_LEVERS = {
         {**JACOBIAN_FREE, "jacobian_penalty": True},
         {"train_tol": 1.0e-2, "jacobian_penalty_weight": 1.0, "jacobian_penalty_every": 4},
     ),
+    "deq_v2_jfb_branch03": ({**JACOBIAN_FREE, "branch_scale": 0.3}, {"train_tol": 1.0e-2}),
 }
 EXPLICIT = ("equiformer", "nequip_s", "equiformer_v2", "equiformer_v2_1", "equiformer_v2_2")
 

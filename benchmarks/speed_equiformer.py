@@ -136,7 +136,7 @@ def attention_breakdown(data, repeats: int):
     on the edges of ``data`` (what an Equiformer block computes per edge)."""
     from e3nn.o3._irreps import Irreps
 
-    from nequip_deq.nn.attention import EquivariantGraphAttention
+    from nequip_deq.nn.attention.graph_attention import EquivariantGraphAttention
 
     torch.manual_seed(0)
     X = Irreps("128x0e+64x1o+32x2e")

@@ -14,7 +14,7 @@ right shape.
 ``pair_nequip``'s outputs plus the solver statistics (the pair style reads the fields it needs
 from the metadata's output list and ignores the rest). It requires the model modifier
 ``enable_DEQStateCache`` (``--modifiers enable_DEQStateCache``), which keeps the previous fixed
-point inside the compiled model: see :mod:`nequip_deq.nn.state_cache`.
+point inside the compiled model: see :mod:`nequip_deq.nn.fixed_point.state_cache`.
 """
 
 import torch

@@ -12,7 +12,7 @@ from nequip.utils.global_state import set_global_state
 
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.model import DEQEquiformerModel
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
 
 TYPES = ["H", "C", "O"]
 R_MAX = 3.5

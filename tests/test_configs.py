@@ -78,7 +78,7 @@ def test_rmd17_config_requires_data_dir():
 def test_rmd17_v2_configs(tmp_path, name, target):
     """The EquiformerV2 configs compose over their v1 counterparts and build models of
     EquiformerV2 blocks at DEQuify's MD17 shape (64 channels, l_max 3, m_max 2, 4 heads)."""
-    from nequip_deq.nn.so2_attention import SO2GraphAttention
+    from nequip_deq.nn.attention.so2_attention import SO2GraphAttention
 
     for kind, bundled in [("train", "rmd17_aspirin_train_01_first250.npz"), ("test", "rmd17_aspirin_test_01_first200.npz")]:
         shutil.copy(bundled_data_path(bundled), tmp_path / f"rmd17_aspirin_{kind}_01.npz")

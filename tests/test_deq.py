@@ -9,7 +9,7 @@ from nequip.nn import PartialForceOutput
 from nequip.utils.global_state import set_global_state
 
 from nequip_deq.model import InvalidModelConfig
-from nequip_deq.nn.fixed_point import FixedPointError, PartialForcesNotExact
+from nequip_deq.nn.fixed_point.layer import FixedPointError, PartialForcesNotExact
 
 from small_deq import (
     TOL,

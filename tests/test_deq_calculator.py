@@ -14,7 +14,7 @@ from nequip.data.transforms import NeighborListTransform
 from nequip_deq._compile_targets import solver_limits
 from nequip_deq._keys import DEQ_ADJOINT_STATE_KEY, DEQ_STATE_KEY
 from nequip_deq.integrations.ase import DEQCalculator, check_solves
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer, FixedPointError
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer, FixedPointError
 
 from small_deq import (
     R_MAX,
@@ -123,7 +123,7 @@ def test_tf32_raises_the_float32_tolerance_floor():
     """With TF32 matrix products (nequip-compile --tf32, nequip's TF32 scheduler) a float32
     solve cannot reach 1e-4 reliably: the tolerance is floored at 1e-3, in the solves and in
     the limits a compiled model records."""
-    from nequip_deq.nn.solvers import tolerance_floor
+    from nequip_deq.nn.fixed_point.solvers import tolerance_floor
 
     assert tolerance_floor(torch.float32) == 2e-6 and tolerance_floor(torch.float64) == 0.0
     precision = torch.get_float32_matmul_precision()
@@ -211,7 +211,7 @@ def test_compiling_without_state_says_every_call_starts_cold(monkeypatch):
     """Traced for a target that passes no state (nequip's `ase`, `pair_nequip`) and without
     the state cache, the DEQ says at compile time that it will start cold at every call and
     names the warm routes; traced with a state input it says nothing."""
-    from nequip_deq.nn import fixed_point
+    from nequip_deq.nn.fixed_point import layer as fixed_point
 
     monkeypatch.setattr(fixed_point, "_call_mode", lambda: "traced")
     # torch.while_loop runs only under export: the eager loops stand in for the traced ones

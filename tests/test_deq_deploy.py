@@ -24,7 +24,7 @@ from nequip_deq._resolvers import bundled_data_path
 from nequip_deq.data import read_molecule_npz
 from nequip_deq.integrations.ase import DEQCalculator, load_calculator
 from nequip_deq.integrations.lammps import check_pair_model, lammps_frame, pair_nequip_inputs
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
 from nequip_deq.scripts.lammps_run import main as lammps_run_main
 from nequip_deq.scripts.md import DEFAULT_STRUCTURE, main as md_main
 from nequip_deq.scripts.report import main as report_main, predict

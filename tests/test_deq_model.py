@@ -78,7 +78,7 @@ class TestDEQEquiformerV2(TestDEQEquiformer):
 
 class TestVariationalDEQ(TestDEQEquiformer):
     """The same for the variational DEQ (``fixed_point: variational``: the state minimises the
-    energy, no adjoint; nn/variational.py), which has no Jacobian penalty. The stiffness is
+    energy, no adjoint; nn/fixed_point/variational.py), which has no Jacobian penalty. The stiffness is
     raised so that the damped iteration converges on the harness' 4-atom copper cell, whose
     nearly symmetric environments give the readout a Hessian with eigenvalues near +88 and -69
     (layer norms of vanishing l > 0 features; docs/deq.md); with the default the solver switches to adaptive

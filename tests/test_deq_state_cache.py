@@ -71,7 +71,7 @@ def test_state_cache_starts_as_the_calculator_does(scheme):
     the in-model cache (its ``extrapolation``, recorded in the metadata) starts every call
     where DEQCalculator with the same extrapolation starts it: the same iteration counts and
     fixed points, call by call; a bad scheme or capacity is refused."""
-    from nequip_deq.nn.extrapolation import XLBOMD_ORDER
+    from nequip_deq.nn.fixed_point.extrapolation import XLBOMD_ORDER
 
     model = build("float64", f_tol=1e-4, b_tol=1e-4)
     cached = with_state_cache(build("float64", f_tol=1e-4, b_tol=1e-4), extrapolation=scheme)

@@ -16,7 +16,7 @@ from nequip.utils.global_state import set_global_state
 
 from nequip_deq.model import EquiformerModel
 from nequip_deq.model.architecture import InvalidModelConfig
-from nequip_deq.nn.edge_frame import EdgeFrameRotation, EdgeWignerD, edge_rotation
+from nequip_deq.nn.attention.edge_frame import EdgeFrameRotation, EdgeWignerD, edge_rotation
 
 from harness import EquiformerHarness, compile_for_ase
 from small_models import small_v2

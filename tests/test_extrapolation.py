@@ -15,7 +15,7 @@ from small_deq import (
 def test_starting_point_extrapolations():
     """Each scheme reproduces the polynomials it is exact for, drops to the order the history
     allows, and an unknown name is refused."""
-    from nequip_deq.nn.extrapolation import extrapolate
+    from nequip_deq.nn.fixed_point.extrapolation import extrapolate
 
     t = torch.arange(4.0)
     history = [((2 + 3 * t[i] + t[i] ** 2) * torch.ones(2), -(t[i] ** 2) * torch.ones(2)) for i in (2, 1, 0)]
@@ -37,7 +37,7 @@ def test_extended_lagrangian_start():
     follows a linear trajectory exactly (its dissipation vanishes on linear histories), comes
     back to a constant solution from a disturbed start without blowing up, and tracks a smooth
     oscillation; every other scheme leaves no auxiliary state."""
-    from nequip_deq.nn.extrapolation import XLBOMD_ORDER, StartingPoints
+    from nequip_deq.nn.fixed_point.extrapolation import XLBOMD_ORDER, StartingPoints
 
     def state(value):
         return value * torch.ones(3), -value * torch.ones(3)
@@ -70,7 +70,7 @@ def test_extended_lagrangian_recurrence_is_time_reversible_without_damping():
     """The auxiliary state's Verlet step without its dissipative term, run backwards from its
     newest states with the same solutions in reverse order, retraces its states to round-off;
     with the dissipation of Niklasson et al. it does not (which is the dissipation's purpose)."""
-    from nequip_deq.nn.extrapolation import XLBOMD_ORDER as K, xlbomd_coefficients, xlbomd_start
+    from nequip_deq.nn.fixed_point.extrapolation import XLBOMD_ORDER as K, xlbomd_coefficients, xlbomd_start
 
     kappa, damping = xlbomd_coefficients()
     rng = np.random.default_rng(0)

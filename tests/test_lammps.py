@@ -27,7 +27,7 @@ from nequip_deq.integrations.lammps import (
     pair_nequip_inputs,
 )
 from nequip_deq.model import DEQEquiformerModel, EquiformerModel
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
 from nequip_deq.integrations.ase import check_elements
 from small_models import SMALL
 

@@ -11,7 +11,7 @@ from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
 from nequip.utils.global_state import set_global_state
 
 from nequip_deq.model import EquiformerModel
-from nequip_deq.nn.attention import envelope_softmax
+from nequip_deq.nn.attention.graph_attention import envelope_softmax
 
 R_MAX = 3.0
 TYPES = ["H", "C", "O"]

@@ -5,7 +5,7 @@ converged) and its per-atom residual."""
 import pytest
 import torch
 
-from nequip_deq.nn.solvers import damped_step, frame_residual, gmres, solver_start
+from nequip_deq.nn.fixed_point.solvers import damped_step, frame_residual, gmres, solver_start
 
 
 def block_system(sizes, width=3, seed=0):

@@ -1,4 +1,4 @@
-"""The variational DEQ (``fixed_point: variational``, nequip_deq/nn/variational.py): forces are
+"""The variational DEQ (``fixed_point: variational``, nequip_deq/nn/fixed_point/variational.py): forces are
 −dE/dx without an adjoint, the fixed point is a minimum of the energy, the fixed-point
 Jacobian is symmetric (the Lagrangian DEQ's is not), the training gradient of a force loss
 (Hessian solve) matches finite differences, rotations and mirrors act as they must, the ASE
@@ -19,8 +19,8 @@ from nequip.data.transforms import NeighborListTransform
 from nequip_deq._keys import DEQ_STATE_KEY, DEQ_TOLERANCE_KEY
 from nequip_deq.integrations.ase import DEQCalculator
 from nequip_deq.model import InvalidModelConfig
-from nequip_deq.nn import variational
-from nequip_deq.nn.fixed_point import DEQEquiformerLayer
+from nequip_deq.nn.fixed_point import variational
+from nequip_deq.nn.fixed_point.layer import DEQEquiformerLayer
 
 from small_deq import (
     R_MAX,

@@ -28,8 +28,8 @@ from .._keys import (
     SOLVER_RESIDUAL_KEY,
     SOLVER_STATISTICS,
 )
-from ..nn.extrapolation import DEFAULT_SCHEME, StartingPoints
-from ..nn.solvers import TF32_TOLERANCE_FLOOR, FixedPointError, tolerance_floor
+from ..nn.fixed_point.extrapolation import DEFAULT_SCHEME, StartingPoints
+from ..nn.fixed_point.solvers import TF32_TOLERANCE_FLOOR, FixedPointError, tolerance_floor
 
 
 class DEQCalculator(NequIPCalculator):
@@ -40,7 +40,7 @@ class DEQCalculator(NequIPCalculator):
     cold start only within the solver tolerances.
 
     The start comes from the previous solves of the same atoms (``extrapolation``, one of
-    :data:`~nequip_deq.nn.extrapolation.SCHEMES`; see that module): ``xlbomd`` (default, the
+    :data:`~nequip_deq.nn.fixed_point.extrapolation.SCHEMES`; see that module): ``xlbomd`` (default, the
     extended Lagrangian) follows them with a time-reversible auxiliary state, which keeps the
     NVE total energy within an explicit model's fluctuation at tolerance 1e-3; ``quadratic`` extrapolates
     the last three solutions and needs about half the iterations, but its solve error acts as
@@ -330,11 +330,11 @@ def load_calculator(
     (warm-started solves) for DEQ models, nequip's ``NequIPCalculator`` otherwise. Compiled
     models must be compiled with ``--target ase`` (``ase_deq`` for DEQ models); others are
     refused with the target to use. ``extrapolation``: the DEQ's starting-point scheme
-    (:data:`~nequip_deq.nn.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
+    (:data:`~nequip_deq.nn.fixed_point.extrapolation.SCHEMES`); ``tolerance``: its solver tolerance for
     every call (default: the model's); ``shadow``: shadow dynamics (variational DEQs, eager or
     compiled for ``ase_deq``; see :class:`DEQCalculator`)."""
-    from ..nn.fixed_point import DEQEquiformerLayer
-    from ..nn.variational import VariationalDEQLayer
+    from ..nn.fixed_point.layer import DEQEquiformerLayer
+    from ..nn.fixed_point.variational import VariationalDEQLayer
 
     if shadow and model.endswith(".pth"):
         raise ValueError(

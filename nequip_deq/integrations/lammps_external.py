@@ -51,7 +51,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from .ase import load_calculator, model_type_names
 from .lammps import lammps_virial
-from ..nn.extrapolation import DEFAULT_SCHEME
+from ..nn.fixed_point.extrapolation import DEFAULT_SCHEME
 
 FIX_ID = "nequip"
 # the DEQ solver statistics in the fix's global vector, in order (1-based in LAMMPS)

@@ -11,10 +11,10 @@ from nequip_deq._keys import (
     DEQ_STATE_KEY,
     DEQ_TOLERANCE_KEY,
 )
-from nequip_deq.nn.fixed_point import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
+from nequip_deq.nn.fixed_point.layer import GRADIENTS, SOLVERS, TRAIN_GRADIENTS, DEQEquiformerLayer
 from nequip_deq.nn.graph_model import EagerForTrainTimeCompile
-from nequip_deq.nn.injection import INJECTIONS
-from nequip_deq.nn.variational import VariationalDEQLayer
+from nequip_deq.nn.fixed_point.injection import INJECTIONS
+from nequip_deq.nn.fixed_point.variational import VariationalDEQLayer
 
 from .architecture import EquiformerArchitecture, InvalidModelConfig, with_architecture_args
 
@@ -113,11 +113,11 @@ def DEQEquiformerModel(
     read out from :math:`z^*` as in :func:`EquiformerModel` (output block to scalars, MLP,
     per-type scale/shift). Forces and stress are exact derivatives of that energy through the
     fixed point (implicit function theorem, one adjoint solve; see
-    :mod:`nequip_deq.nn.fixed_point`), and so is the parameter gradient of a force loss in
-    training (``train_gradient: implicit``; :mod:`nequip_deq.nn.training_gradients`).
+    :mod:`nequip_deq.nn.fixed_point.layer`), and so is the parameter gradient of a force loss in
+    training (``train_gradient: implicit``; :mod:`nequip_deq.nn.fixed_point.training_gradients`).
 
     ``fixed_point: variational`` makes the fixed point the minimiser of the energy instead
-    (:mod:`nequip_deq.nn.variational`): :math:`E = \\Phi(z^*)`, :math:`z^* = \\arg\\min_z
+    (:mod:`nequip_deq.nn.fixed_point.variational`): :math:`E = \\Phi(z^*)`, :math:`z^* = \\arg\\min_z
     \\Phi(z, x)`, forces without an adjoint solve, a symmetric fixed-point Jacobian.
 
     DEQ arguments:

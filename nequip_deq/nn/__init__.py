@@ -1,31 +1,40 @@
-"""Graph modules of nequip-deq (``GraphModuleMixin`` modules and their building blocks):
-the attention blocks (Equiformer v1 and EquiformerV2 parts) and the deep-equilibrium layers."""
+"""Graph modules of nequip-deq (``GraphModuleMixin`` modules and their building blocks), in
+two sub-packages for the package's two ideas: :mod:`~nequip_deq.nn.attention` (the Equiformer
+v1 and EquiformerV2 blocks) and :mod:`~nequip_deq.nn.fixed_point` (the deep-equilibrium
+layers and what solves them); the encoder's radial bases and edge-degree embedding, and the
+ML-IAP per-atom energies, are shared by both models."""
 
 from .radial import GaussianEdgeLengthEncoding, ExpNormalEdgeLengthEncoding
-from .layer_norm import EquivariantLayerNorm, SeparableLayerNorm
-from .tensor_product import DepthwiseTensorProduct, GatedLinear
-from .attention import EquivariantGraphAttention, ATTENTION_TYPES
-from .feed_forward import EquivariantFeedForward, S2FeedForward
 from .embedding import EdgeDegreeEmbedding
-from .edge_frame import EdgeWignerD
-from .so2_convolution import SO2Convolution
-from .so2_attention import SO2GraphAttention
-from .block import BLOCK_TYPES, EquiformerBlock
-from .fixed_point import DEQEquiformerLayer
-from .variational import VariationalDEQLayer
-from .solvers import FixedPointError
+from .attention import (
+    ATTENTION_TYPES,
+    BLOCK_TYPES,
+    DepthwiseTensorProduct,
+    EdgeWignerD,
+    EquiformerBlock,
+    EquivariantFeedForward,
+    EquivariantGraphAttention,
+    EquivariantLayerNorm,
+    GatedLinear,
+    S2FeedForward,
+    SeparableLayerNorm,
+    SO2Convolution,
+    SO2GraphAttention,
+)
+from .fixed_point import DEQEquiformerLayer, FixedPointError, VariationalDEQLayer
 
 __all__ = [
-    # v1 and shared
+    # the encoder
     "GaussianEdgeLengthEncoding",
     "ExpNormalEdgeLengthEncoding",
+    "EdgeDegreeEmbedding",
+    # attention blocks, v1 and shared
     "EquivariantLayerNorm",
     "DepthwiseTensorProduct",
     "GatedLinear",
     "EquivariantGraphAttention",
     "ATTENTION_TYPES",
     "EquivariantFeedForward",
-    "EdgeDegreeEmbedding",
     "EquiformerBlock",
     "BLOCK_TYPES",
     # EquiformerV2

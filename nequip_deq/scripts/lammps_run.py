@@ -20,7 +20,7 @@ import csv
 import sys
 from pathlib import Path
 
-from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, SCHEMES
+from nequip_deq.nn.fixed_point.extrapolation import DEFAULT_SCHEME, SCHEMES
 
 
 def write_calls(calls, path: Path, is_deq: bool) -> None:
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nequip_deq.integrations.lammps_external import LAMMPSInputError, run_input
-    from nequip_deq.nn.solvers import FixedPointError
+    from nequip_deq.nn.fixed_point.solvers import FixedPointError
 
     try:
         force_field = run_input(

@@ -30,7 +30,7 @@ from ase.md.verlet import VelocityVerlet
 from nequip_deq._resolvers import BUNDLED_DATA_DIR, bundled_data_path
 from nequip_deq.data import read_molecule_npz
 from nequip_deq.integrations.ase import check_elements, load_calculator
-from nequip_deq.nn.extrapolation import DEFAULT_SCHEME, SCHEMES
+from nequip_deq.nn.fixed_point.extrapolation import DEFAULT_SCHEME, SCHEMES
 
 DEFAULT_STRUCTURE = "rmd17_aspirin_test_01_first200.npz"
 

@@ -22,7 +22,7 @@ import torch
 
 from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
 
-from .._compile_targets import (
+from ..._compile_targets import (
     DAMPING_METADATA_KEY,
     FIXED_POINT_METADATA_KEY,
     SOLVER_METADATA_KEYS,
@@ -53,7 +53,7 @@ def _positive_number(value, whole: bool) -> Optional[float]:
 
 
 class DEQDeployment:
-    """Mixin of :class:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer`: its metadata and its
+    """Mixin of :class:`~nequip_deq.nn.fixed_point.layer.DEQEquiformerLayer`: its metadata and its
     deploy-time model modifiers (they replace every DEQ layer of a model)."""
 
     @torch.jit.unused
@@ -86,10 +86,10 @@ class DEQDeployment:
         extrapolation: str = DEFAULT_SCHEME,
     ) -> torch.nn.Module:
         """Keep the last fixed points inside the model and warm-start the next call from them
-        when it is the same system a moment later (:mod:`~nequip_deq.nn.state_cache`): for
+        when it is the same system a moment later (:mod:`~nequip_deq.nn.fixed_point.state_cache`): for
         callers that pass no state, such as LAMMPS ``pair_style nequip``. ``capacity`` (atoms)
         bounds the systems that profit; larger ones run cold. ``extrapolation``: the starting
-        point, ``xlbomd`` or ``quadratic`` (:mod:`~nequip_deq.nn.extrapolation`).
+        point, ``xlbomd`` or ``quadratic`` (:mod:`~nequip_deq.nn.fixed_point.extrapolation`).
 
         With the defaults: ``nequip-compile ... --modifiers enable_DEQStateCache``. With
         arguments (nequip-compile passes none), on a packaged model before compiling it:

@@ -140,7 +140,7 @@ class EdgeWignerD(torch.nn.Module):
 
 @compile_mode("script")
 class EdgeFrameRotation(torch.nn.Module):
-    """Sphere arrays (:mod:`~nequip_deq.nn.so2_convolution`) into and out of the edge frames of
+    """Sphere arrays (:mod:`~nequip_deq.nn.attention.so2_convolution`) into and out of the edge frames of
     ``edge_wigner``: :meth:`into` ``(E, (L+1)^2, C) -> (E, P, C)``,
     :math:`x'_l = D^l(R)^\\top_{|m| \\le m_{max}}\\, x_l`; :meth:`out_of` ``(E, P, C) ->
     (E, (L+1)^2, C)``, :math:`x_l = s_l\\, D^l(R)_{|m| \\le m_{max}}\\, x'_l` with

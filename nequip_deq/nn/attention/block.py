@@ -11,7 +11,7 @@ from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
 from nequip.nn._ghost_exchange_base import NoOpGhostExchangeModule
 
-from .attention import EquivariantGraphAttention
+from .graph_attention import EquivariantGraphAttention
 from .feed_forward import EquivariantFeedForward, S2FeedForward
 from .layer_norm import EquivariantLayerNorm, SeparableLayerNorm
 from .so2_attention import SO2GraphAttention
@@ -35,9 +35,9 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
     :math:`S` is the identity when ``irreps_out == X``; otherwise (the output block, e.g.
     ``512x0e``) an equivariant linear shortcut, followed by a final layer norm when
     ``output_norm``. GA is Equiformer's attention with depth-wise tensor products
-    (``block_type="v1"``, :class:`~nequip_deq.nn.attention.EquivariantGraphAttention`) or
+    (``block_type="v1"``, :class:`~nequip_deq.nn.attention.graph_attention.EquivariantGraphAttention`) or
     EquiformerV2's with SO(2) convolutions in edge frames (``"v2"``,
-    :class:`~nequip_deq.nn.so2_attention.SO2GraphAttention`). Reads ``edge_attrs`` (spherical
+    :class:`~nequip_deq.nn.attention.so2_attention.SO2GraphAttention`). Reads ``edge_attrs`` (spherical
     harmonics; v1), ``edge_vectors`` (v2: the edge frames), ``edge_embedding`` (enveloped radial
     basis) and ``edge_cutoff`` (envelope).
 
@@ -62,10 +62,10 @@ class EquiformerBlock(GraphModuleMixin, torch.nn.Module):
             :math:`1/\\sqrt{\\epsilon}`)
         block_type: ``"v1"`` or ``"v2"`` (see above)
         m_max, attention_renorm, hidden_channels: v2 only, see :class:`SO2GraphAttention`
-        separable_layer_norm: :class:`~nequip_deq.nn.layer_norm.SeparableLayerNorm` instead
+        separable_layer_norm: :class:`~nequip_deq.nn.attention.layer_norm.SeparableLayerNorm` instead
             of one variance per degree (EquiformerV2's choice)
         s2_activation: v2 only: the feed-forward network's activation is the separable S2
-            activation (:class:`~nequip_deq.nn.feed_forward.S2FeedForward`; approximately
+            activation (:class:`~nequip_deq.nn.attention.feed_forward.S2FeedForward`; approximately
             equivariant) instead of a gate
     """
 

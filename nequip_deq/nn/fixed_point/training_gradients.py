@@ -1,6 +1,6 @@
 """Training-only gradients of the DEQ layer: the parameter gradient of a force loss.
 
-Forces come from the Lagrangian (:mod:`~nequip_deq.nn.fixed_point`)
+Forces come from the Lagrangian (:mod:`~nequip_deq.nn.fixed_point.layer`)
 
 .. math::
     \\mathcal{L}(w, p, \\theta) = R(z) + \\langle v, f(z) - z \\rangle ,\\qquad w = (z, v),
@@ -30,7 +30,7 @@ where :math:`u` solves the *backward fixed point*
     H = \\partial_z^2 \\mathcal{L} .
 
 The equation is linear in :math:`u` (solved per frame by GMRES,
-:func:`~nequip_deq.nn.solvers.gmres`); the operator is block-triangular with :math:`J` and
+:func:`~nequip_deq.nn.fixed_point.solvers.gmres`); the operator is block-triangular with :math:`J` and
 :math:`J^\\top` on its diagonal, so it is as well conditioned as the adjoint. One product with
 :math:`(\\partial_w\\Phi)^\\top` is one backward pass through the graph of a single application
 of :math:`\\Phi` (recorded once per backward solve), whatever the number of iterations: the
@@ -55,7 +55,7 @@ solve's dependence on the parameters).
 of both fixed points instead: its error decays like (contraction factor)^K, its memory grows
 with K.
 
-**Variational fixed points** (:class:`~nequip_deq.nn.variational.VariationalDEQLayer`). There the
+**Variational fixed points** (:class:`~nequip_deq.nn.fixed_point.variational.VariationalDEQLayer`). There the
 energy is :math:`E = \\Phi(z^*)` at the minimiser of :math:`\\Phi(z, p, \\theta)`, so
 :math:`F = -\\partial_p\\Phi` at :math:`z^*` and
 
@@ -68,7 +68,7 @@ energy is :math:`E = \\Phi(z^*)` at the minimiser of :math:`\\Phi(z, p, \\theta)
 from :math:`\\nabla_z\\Phi(z^*) = 0`. A cotangent :math:`a` arriving at :math:`z` contributes
 :math:`-u^\\top\\partial_\\theta\\nabla_z\\Phi` with :math:`H u = a`: one linear solve with the
 *symmetric* Hessian, positive definite at a minimum, by conjugate gradients
-(:func:`~nequip_deq.nn.solvers.conjugate_gradient`; one Hessian-vector product is one double
+(:func:`~nequip_deq.nn.fixed_point.solvers.conjugate_gradient`; one Hessian-vector product is one double
 backward pass through a recorded :math:`\\nabla_z\\Phi`). The attachment is the same
 :class:`ImplicitTrainingGradient` (the force pass passes nothing: :math:`\\nabla_z\\Phi = 0`).
 """

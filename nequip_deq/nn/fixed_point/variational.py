@@ -2,8 +2,8 @@
 no adjoint solve.
 
 With the encoder output :math:`x` and the Equiformer blocks :math:`B` on the injected state
-(:class:`~nequip_deq.nn.injection.Injection`, as in
-:class:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer`), the per-atom energies of a latent
+(:class:`~nequip_deq.nn.fixed_point.injection.Injection`, as in
+:class:`~nequip_deq.nn.fixed_point.layer.DEQEquiformerLayer`), the per-atom energies of a latent
 state :math:`z` are
 
 .. math::
@@ -43,7 +43,7 @@ positions and in the (strained) cell together, and the energy handed to nequip's
 stress output is :math:`\\Phi` plus a first-order term of value zero that carries those
 gradients (:func:`_first_order`), so a call costs one forward and one backward pass. The
 parameter gradient of a force loss needs one symmetric positive-definite solve per step
-(:func:`~nequip_deq.nn.training_gradients.attach_minimiser_gradient`).
+(:func:`~nequip_deq.nn.fixed_point.training_gradients.attach_minimiser_gradient`).
 
 Compiled (``nequip-compile --mode aotinductor --target ase_deq``), the model does not iterate:
 the map :math:`f` is itself a gradient, which ``torch.while_loop`` cannot trace. A compiled
@@ -60,8 +60,8 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.nn import PerTypeScaleShift, scatter
 
-from .. import _keys
-from .fixed_point import DEQEquiformerLayer, _call_mode, _TotalEnergyGradientOnly
+from ... import _keys
+from .layer import DEQEquiformerLayer, _call_mode, _TotalEnergyGradientOnly
 from .solvers import frame_products, frame_residual, solver_start
 from .training_gradients import attach_minimiser_gradient
 
@@ -69,7 +69,7 @@ __all__ = ["VariationalDEQLayer"]
 
 
 class VariationalDEQLayer(DEQEquiformerLayer):
-    """:class:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer` whose fixed point minimises the
+    """:class:`~nequip_deq.nn.fixed_point.layer.DEQEquiformerLayer` whose fixed point minimises the
     energy (module docstring): same arguments, inputs and outputs, except that there is no
     adjoint (``deq_adjoint_state`` is zero, ``deq_adjoint_iterations`` 0), ``gradient`` must be
     ``implicit`` and ``train_gradient`` ``implicit`` (the Hessian solve, tolerance

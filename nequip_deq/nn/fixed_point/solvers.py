@@ -7,7 +7,7 @@ Every solve here is the damped iteration
 
 of a map :math:`T` (the DEQ function :math:`f(\\cdot, x)` for the forward solve,
 :math:`v \\mapsto \\partial R/\\partial z + J^\\top v` for the adjoint, see
-:mod:`~nequip_deq.nn.fixed_point`), where every frame of a batch stops updating once its own
+:mod:`~nequip_deq.nn.fixed_point.layer`), where every frame of a batch stops updating once its own
 relative residual (:func:`frame_residual`: the largest per-atom change over the frame's
 root-mean-square norm) is below the tolerance. A frame therefore gives the same result alone
 or in a batch, and every atom of a large system meets the tolerance.
@@ -317,14 +317,14 @@ def _while(step: Callable, state, max_trips: int):
 
 
 class FixedPointSolvers:
-    """The forward and adjoint solves of :class:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer`
+    """The forward and adjoint solves of :class:`~nequip_deq.nn.fixed_point.layer.DEQEquiformerLayer`
     (a mixin: it uses the layer's ``f``, ``energy``, ``damping``, ``f_max_iter`` and
     ``b_max_iter``).
 
     Shapes: states ``(N, X)``, ``batch`` ``(N,)``; every solver returns the solution, the
     iterations ``(num_frames,)`` and the last relative residual ``(num_frames,)`` per frame.
     ``weights`` are the blocks' precomputed radial weights
-    (:meth:`~nequip_deq.nn.fixed_point.DEQEquiformerLayer.edge_weights`).
+    (:meth:`~nequip_deq.nn.fixed_point.layer.DEQEquiformerLayer.edge_weights`).
     """
 
     # ---- Python loops (eager and TorchScript) ----------------------------------------

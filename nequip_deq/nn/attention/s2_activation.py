@@ -1,6 +1,6 @@
 """Separable S2 activation (EquiformerV2, Liao et al. 2024, §3.3) on sphere arrays.
 
-A sphere array :math:`x` (``(N, (L+1)^2, C)``, :mod:`~nequip_deq.nn.so2_convolution`) is, per
+A sphere array :math:`x` (``(N, (L+1)^2, C)``, :mod:`~nequip_deq.nn.attention.so2_convolution`) is, per
 channel, a function on the sphere, :math:`F x(\\hat s) = \\sum_{l,m} x_{l,m} Y_{l,m}(\\hat s)`.
 The activation applies SiLU pointwise on a grid of points and projects back to degrees
 :math:`\\le L`; the scalars instead come from separate gating scalars :math:`g`:

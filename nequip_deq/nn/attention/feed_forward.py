@@ -37,7 +37,7 @@ class S2FeedForward(torch.nn.Module):
     """EquiformerV2's feed-forward network on features ``C x (0 + 1 + ... + L)``:
     :math:`\\mathrm{FFN}(x) = L_2(\\mathrm{S2act}(L_1 x,\\ L_g x))` with ``multiplier * C``
     hidden channels of every degree and as many gating scalars
-    (:class:`~nequip_deq.nn.s2_activation.SeparableS2Activation`; equivariant only up to its
+    (:class:`~nequip_deq.nn.attention.s2_activation.SeparableS2Activation`; equivariant only up to its
     grid's aliasing error).
 
     Shapes: ``(N, irreps_in.dim) -> (N, irreps_out.dim)``.

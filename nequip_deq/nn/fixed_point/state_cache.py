@@ -47,7 +47,7 @@ class DEQStateCache(torch.nn.Module):
     (``capacity`` rows each).
 
     A matching call starts as :class:`~nequip_deq.integrations.ase.DEQCalculator` does
-    (:mod:`~nequip_deq.nn.extrapolation`): with ``extrapolation="quadratic"`` from
+    (:mod:`~nequip_deq.nn.fixed_point.extrapolation`): with ``extrapolation="quadratic"`` from
     :math:`3 z^*_{n} - 3 z^*_{n-1} + z^*_{n-2}` when the three previous calls were the same
     system, :math:`2 z^*_{n} - z^*_{n-1}` after two, :math:`z^*_n` after one; with ``"xlbomd"``
     from the extended-Lagrangian auxiliary state once :math:`K + 1` calls of the same system

@@ -241,7 +241,7 @@ class EquivariantGraphAttention(torch.nn.Module):
     def edge_weights(self, edge_vectors: torch.Tensor, edge_embedding: torch.Tensor) -> torch.Tensor:
         """:math:`R(\\phi_{ij})`, the per-edge weights of the depth-wise tensor product:
         ``edge_embedding (E, K) -> (E, W)`` (``edge_vectors``: unused, for the interface that
-        :class:`~nequip_deq.nn.so2_attention.SO2GraphAttention` shares)."""
+        :class:`~nequip_deq.nn.attention.so2_attention.SO2GraphAttention` shares)."""
         return self.radial(edge_embedding)
 
     def forward(

@@ -1,5 +1,5 @@
 """SO(2) convolution (eSCN, Passaro & Zitnick 2023; EquiformerV2, Liao et al. 2024), on the
-edge-frame features of :mod:`~nequip_deq.nn.edge_frame`.
+edge-frame features of :mod:`~nequip_deq.nn.attention.edge_frame`.
 
 Features here are *sphere arrays*: ``C`` channels of every degree ``l = 0 .. L`` (irreps
 ``C x (0e + 1o + 2e + ...)``), laid out ``(E, S, C)`` with ``S = (L+1)^2`` components in e3nn's

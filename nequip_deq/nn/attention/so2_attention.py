@@ -1,9 +1,9 @@
 """EquiformerV2 graph attention (Liao et al., ICLR 2024, §3), with SO(2) convolutions in
-each edge's frame and the smooth cutoff of :mod:`~nequip_deq.nn.attention`.
+each edge's frame and the smooth cutoff of :mod:`~nequip_deq.nn.attention.graph_attention`.
 
 Node features are sphere arrays :math:`x_i` (``C`` channels per component, degrees up to
-:math:`L`; :mod:`~nequip_deq.nn.so2_convolution`). For edge ``e = (i, j)`` (``i`` receives),
-with :math:`D_{ij}` the edge frame (:mod:`~nequip_deq.nn.edge_frame`), :math:`\\phi_{ij}` the
+:math:`L`; :mod:`~nequip_deq.nn.attention.so2_convolution`). For edge ``e = (i, j)`` (``i`` receives),
+with :math:`D_{ij}` the edge frame (:mod:`~nequip_deq.nn.attention.edge_frame`), :math:`\\phi_{ij}` the
 enveloped radial basis and :math:`u_{ij}` the envelope:
 
 .. math::
@@ -33,7 +33,7 @@ from e3nn.util.jit import compile_mode
 
 from nequip.nn import ScalarMLPFunction, scatter
 
-from .attention import SmoothLeakyReLU, envelope_softmax
+from .graph_attention import SmoothLeakyReLU, envelope_softmax
 from .edge_frame import EdgeFrameRotation, EdgeWignerD
 from .so2_convolution import SO2Convolution, from_sphere, to_sphere
 
@@ -52,7 +52,7 @@ class SO2GraphAttention(torch.nn.Module):
         hidden_channels: channels of :math:`h` (``0``: ``C``)
         attention_renorm: layer norm on the logit channels (EquiformerV2's default)
         mirror_symmetric: E(3) (natural-parity irreps; see
-            :mod:`~nequip_deq.nn.so2_convolution`) rather than SE(3) only
+            :mod:`~nequip_deq.nn.attention.so2_convolution`) rather than SE(3) only
         radial_mlp_depth, radial_mlp_width: hidden layers of the radial MLP :math:`R`
 
     The radial weights and the edge frames depend on the geometry only (:meth:`edge_weights`),
@@ -114,7 +114,7 @@ class SO2GraphAttention(torch.nn.Module):
     def edge_weights(self, edge_vectors: torch.Tensor, edge_embedding: torch.Tensor) -> torch.Tensor:
         """The geometry-only inputs of :meth:`forward`, ``(E, W + F)``: the first
         convolution's radial weights :math:`R(\\phi_{ij})` (``W``) and the edge frames
-        :math:`D_{ij}` (``F``, :class:`~nequip_deq.nn.edge_frame.EdgeWignerD`)."""
+        :math:`D_{ij}` (``F``, :class:`~nequip_deq.nn.attention.edge_frame.EdgeWignerD`)."""
         return torch.cat([self.radial(edge_embedding), self.wigner(edge_vectors)], 1)
 
     def forward(

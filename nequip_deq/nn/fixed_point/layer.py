@@ -3,7 +3,7 @@ energy gradient taken exactly through the fixed point.
 
 With the encoder output :math:`x`, the DEQ function is
 :math:`f(z, x) = B(\\mathrm{inject}(z, x))` for ``num_deq_layers`` Equiformer blocks :math:`B`
-(see :class:`~nequip_deq.nn.injection.Injection`), and the energy is read out from the fixed
+(see :class:`~nequip_deq.nn.fixed_point.injection.Injection`), and the energy is read out from the fixed
 point :math:`z^* = f(z^*, x)`: :math:`E = R(z^*)`. Its exact derivative with respect to
 positions, cell and parameters follows from the Lagrangian
 
@@ -17,9 +17,9 @@ equals :math:`E` there. With :math:`z^*, v^*` held constant, ordinary autograd o
 ``ForceStressOutput`` then produces forces and stress exact up to the solver tolerances, and the
 energy error is second order in the residuals.
 
-The solvers are in :mod:`~nequip_deq.nn.solvers` (per frame; Python loop, ``torch.while_loop``
+The solvers are in :mod:`~nequip_deq.nn.fixed_point.solvers` (per frame; Python loop, ``torch.while_loop``
 when traced for AOTInductor, torchdeq in training), the training-only gradients (implicit,
-unrolled, Jacobian penalty) in :mod:`~nequip_deq.nn.training_gradients`. Everything in
+unrolled, Jacobian penalty) in :mod:`~nequip_deq.nn.fixed_point.training_gradients`. Everything in
 :math:`f` that depends on the geometry only (the blocks' radial weights) is computed once per
 call and reused by every iteration, adjoint product and the Lagrangian.
 """
@@ -34,8 +34,8 @@ from e3nn.util.jit import compile_mode
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
 
-from .. import _keys
-from .block import EquiformerBlock
+from ... import _keys
+from ..attention.block import EquiformerBlock
 from .deployment import DEQDeployment
 from .injection import Injection
 from .solvers import FixedPointError, FixedPointSolvers, check_solution, tolerance_floor
@@ -185,7 +185,7 @@ class DEQEquiformerLayer(FixedPointSolvers, DEQDeployment, GraphModuleMixin, tor
     ``deq_adjoint_residual``.
 
     A single-frame caller that passes no state (LAMMPS ``pair_style nequip``) gets warm starts
-    from the in-model :class:`~nequip_deq.nn.state_cache.DEQStateCache` once the model modifier
+    from the in-model :class:`~nequip_deq.nn.fixed_point.state_cache.DEQStateCache` once the model modifier
     ``enable_DEQStateCache`` is applied (off by default; evaluation only).
 
     Gradients:
@@ -195,7 +195,7 @@ class DEQEquiformerLayer(FixedPointSolvers, DEQDeployment, GraphModuleMixin, tor
       with the parameters: ``train_gradient: implicit`` (default) solves one more fixed point
       in the backward pass (exact to ``grad_tol``; no graph recorded per iteration),
       ``train_gradient: unroll`` differentiates ``train_unroll_steps`` refinement iterations
-      (error ~ contraction factor^steps); see :mod:`~nequip_deq.nn.training_gradients`.
+      (error ~ contraction factor^steps); see :mod:`~nequip_deq.nn.fixed_point.training_gradients`.
     - ``gradient: phantom``: energy :math:`R(f^K(z^*))` with :math:`z^*` constant,
       ``K = max(train_unroll_steps, 1)``: the gradient ignores how :math:`z^*` moves, so
       forces are **not** −dE/dx and MD does **not** conserve energy. For comparison only.
@@ -204,7 +204,7 @@ class DEQEquiformerLayer(FixedPointSolvers, DEQDeployment, GraphModuleMixin, tor
         num_deq_layers: Equiformer blocks inside :math:`f`
         block_kwargs: arguments of :class:`EquiformerBlock` for the blocks of :math:`f`
         readout: graph modules mapping ``node_features`` to ``per_atom_energy``
-        injection: ``add`` or ``concat`` (:class:`~nequip_deq.nn.injection.Injection`)
+        injection: ``add`` or ``concat`` (:class:`~nequip_deq.nn.fixed_point.injection.Injection`)
         damping: relaxation :math:`\\beta` of :math:`z \\leftarrow z + \\beta (f(z) - z)` (and
             of the adjoint and backward iterations)
         solver: training-time forward solver (``fixed_point_iter``, or torchdeq's
@@ -222,7 +222,7 @@ class DEQEquiformerLayer(FixedPointSolvers, DEQDeployment, GraphModuleMixin, tor
         force_pass: whether the model differentiates the energy for forces inside its
             forward (nequip's force output: the builder's ``do_derivatives``); in training,
             the implicit gradient passes nothing to that first backward pass
-            (:mod:`~nequip_deq.nn.training_gradients`)
+            (:mod:`~nequip_deq.nn.fixed_point.training_gradients`)
     """
 
     variational = False  # whether the fixed point minimises the energy (nn.variational)
@@ -485,7 +485,7 @@ class DEQEquiformerLayer(FixedPointSolvers, DEQDeployment, GraphModuleMixin, tor
         floor: float,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:math:`(z^*, v^*)` with the parameter dependence the force loss needs
-        (``train_gradient``; see :mod:`~nequip_deq.nn.training_gradients`)."""
+        (``train_gradient``; see :mod:`~nequip_deq.nn.fixed_point.training_gradients`)."""
         if self.train_implicit:
             tol, statistics = self._backward_solve_settings(data, num_frames, floor)
             return attach_implicit_gradient(

@@ -5,7 +5,7 @@ from e3nn.o3._irreps import Irreps
 from e3nn.o3._linear import Linear
 from e3nn.util.jit import compile_mode
 
-from .layer_norm import EquivariantLayerNorm
+from ..attention.layer_norm import EquivariantLayerNorm
 
 INJECTIONS = ("add", "concat")
 
