@@ -507,8 +507,12 @@ class FixedPointSolvers:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """torchdeq's ``anderson`` / ``broyden`` on frames packed as
         ``(num_frames, max_atoms*X)`` (zero padding), so that its per-sample mixing and
-        residuals are per frame."""
+        residuals are per frame. ``tol``: a number, or per frame ``(num_frames,)`` (the
+        ``deq_tolerance`` input, e.g. ``train_tol``); torchdeq stops when every frame is below
+        one number, the smallest."""
         from torchdeq.solver import get_solver
+
+        tol = float(torch.as_tensor(tol).min())
 
         counts = torch.bincount(batch, minlength=num_frames)
         first = torch.cumsum(counts, 0) - counts
