@@ -2,49 +2,19 @@
 two sub-packages for the package's two ideas: :mod:`~nequip_deq.nn.attention` (the Equiformer
 v1 and EquiformerV2 blocks) and :mod:`~nequip_deq.nn.fixed_point` (the deep-equilibrium
 layers and what solves them); the encoder's radial bases and edge-degree embedding, and the
-ML-IAP per-atom energies, are shared by both models."""
+ML-IAP per-atom energies, are shared by both models. Everything either sub-package exports is
+exported here too."""
 
-from .radial import GaussianEdgeLengthEncoding, ExpNormalEdgeLengthEncoding
+from . import attention, fixed_point
+from .attention import *  # noqa: F401,F403
+from .fixed_point import *  # noqa: F401,F403
 from .embedding import EdgeDegreeEmbedding
-from .attention import (
-    ATTENTION_TYPES,
-    BLOCK_TYPES,
-    DepthwiseTensorProduct,
-    EdgeWignerD,
-    EquiformerBlock,
-    EquivariantFeedForward,
-    EquivariantGraphAttention,
-    EquivariantLayerNorm,
-    GatedLinear,
-    S2FeedForward,
-    SeparableLayerNorm,
-    SO2Convolution,
-    SO2GraphAttention,
-)
-from .fixed_point import DEQEquiformerLayer, FixedPointError, VariationalDEQLayer
+from .radial import ExpNormalEdgeLengthEncoding, GaussianEdgeLengthEncoding
 
 __all__ = [
-    # the encoder
     "GaussianEdgeLengthEncoding",
     "ExpNormalEdgeLengthEncoding",
     "EdgeDegreeEmbedding",
-    # attention blocks, v1 and shared
-    "EquivariantLayerNorm",
-    "DepthwiseTensorProduct",
-    "GatedLinear",
-    "EquivariantGraphAttention",
-    "ATTENTION_TYPES",
-    "EquivariantFeedForward",
-    "EquiformerBlock",
-    "BLOCK_TYPES",
-    # EquiformerV2
-    "SeparableLayerNorm",
-    "S2FeedForward",
-    "EdgeWignerD",
-    "SO2Convolution",
-    "SO2GraphAttention",
-    # deep equilibrium
-    "DEQEquiformerLayer",
-    "VariationalDEQLayer",
-    "FixedPointError",
+    *attention.__all__,
+    *fixed_point.__all__,
 ]
