@@ -150,21 +150,25 @@ def trajectory(steps):
 
 
 @pytest.fixture(scope="module")
-def packaged_and_compiled(trained, tmp_path_factory):
-    """The trained DEQ packaged (nequip-package; torchdeq, training-only, is mocked) and the
-    package compiled for ASE (``--target ase_deq``)."""
-    tmp_path = tmp_path_factory.mktemp("ase_deq")
-    packaged = tmp_path / "deq.nequip.zip"
+def packaged(trained, tmp_path_factory):
+    """The trained DEQ packaged (nequip-package; torchdeq, training-only, is mocked)."""
+    path = tmp_path_factory.mktemp("package") / "deq.nequip.zip"
     result = subprocess.run(
-        ["nequip-package", "build", str(trained / "best.ckpt"), str(packaged)],
-        capture_output=True, text=True, cwd=tmp_path,
+        ["nequip-package", "build", str(trained / "best.ckpt"), str(path)],
+        capture_output=True, text=True, cwd=path.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled = tmp_path / "deq.nequip.pt2"
+    return path
+
+
+@pytest.fixture(scope="module")
+def packaged_and_compiled(packaged, tmp_path_factory):
+    """The package and its compile for ASE (``--target ase_deq``)."""
+    compiled = tmp_path_factory.mktemp("ase_deq") / "deq.nequip.pt2"
     result = subprocess.run(
         ["nequip-compile", str(packaged), str(compiled), "--mode", "aotinductor",
          "--device", "cpu", "--target", "ase_deq"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True, text=True, cwd=compiled.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return packaged, compiled
@@ -219,7 +223,7 @@ def test_packaged_and_compiled_warm_start_matches_eager(trained, packaged_and_co
 
 
 @pytest.fixture(scope="module")
-def lammps_compiled(packaged_and_compiled, tmp_path_factory):
+def lammps_compiled(packaged, tmp_path_factory):
     """The packaged DEQ given a state cache for 500 atoms and an iteration cap of 90 with
     `nequip-package modify` (the path for modifier arguments: nequip-compile's `--modifiers`
     passes none), then compiled for LAMMPS."""
@@ -227,7 +231,7 @@ def lammps_compiled(packaged_and_compiled, tmp_path_factory):
     modified = tmp_path / "deq_cached.nequip.zip"
     compiled = tmp_path / "lmp.nequip.pt2"
     for command in (
-        ["nequip-package", "modify", str(packaged_and_compiled[0]), str(modified),
+        ["nequip-package", "modify", str(packaged), str(modified),
          "--modifier", "enable_DEQStateCache", "capacity=500",
          "--modifier", "set_DEQSolverTolerances", "f_max_iter=90", "b_max_iter=90"],
         ["nequip-compile", str(modified), str(compiled), "--mode", "aotinductor",
